@@ -1,0 +1,47 @@
+"""Command line: ``python -m rmsprop_jax <command> [flags]`` (or ``rmsprop-jax``).
+
+Each subcommand lives in its own module and is imported only when it runs,
+so ``--help`` stays fast and a missing optional extra only affects its own
+command.  To add one (e.g. ``bench`` or ``conformance``), write a
+``_add_<name>(subparsers)`` function below and list it in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from rmsprop_jax import demo
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a small MLP on sklearn digits and plot the loss curve",
+        description=demo.DESCRIPTION,
+    )
+    demo.add_arguments(parser)
+    parser.set_defaults(func=demo.run)
+
+
+_COMMANDS = (_add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rmsprop_jax",
+        description="rmsprop_jax command line tools.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

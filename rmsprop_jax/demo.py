@@ -1,0 +1,396 @@
+"""End-to-end demo: train a small MLP on scikit-learn's digits with RMSprop.
+
+Run it with ``python -m rmsprop_jax demo`` (see ``--help`` for the flags) or
+call :func:`train` directly.  The model is a two-layer perceptron written in
+plain ``jax.numpy`` (64 -> 128 -> 10, ReLU, He initialisation, softmax
+cross-entropy), trained with :func:`rmsprop_jax.rmsprop` on minibatches.
+After every epoch it prints the mean training loss and the test accuracy,
+and at the end it writes a PNG of both curves.
+
+The demo needs scikit-learn (for the bundled digits data, no download),
+matplotlib and tqdm.  They are imported only when the demo runs, so
+``import rmsprop_jax`` does not need them; install them with
+``pip install 'rmsprop_jax[demo]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_LEARNING_RATE",
+    "DEFAULT_OUTPUT",
+    "MissingDemoDependencyError",
+    "add_arguments",
+    "main",
+    "run",
+    "train",
+]
+
+DEFAULT_EPOCHS = 20
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_OUTPUT = "rmsprop_demo_loss.png"
+HIDDEN_UNITS = 128
+TEST_FRACTION = 0.25
+
+_INSTALL_HINT = "pip install 'rmsprop_jax[demo]'"
+
+
+class MissingDemoDependencyError(ImportError):
+    """Raised when scikit-learn, matplotlib or tqdm is not installed."""
+
+
+def _require(module: str, package: str) -> Any:
+    """Import ``module`` or raise a readable error naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDemoDependencyError(
+            f"the rmsprop_jax demo needs {package}, which is not installed "
+            f"({exc}). Install the demo extras with: {_INSTALL_HINT}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+
+
+def load_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Digits (8x8, 10 classes), standardised, split 75/25 (stratified) by ``seed``.
+
+    The scaler is fitted on the training part only.  Returns
+    ``(x_train, y_train, x_test, y_test)`` as float32 / int32 numpy arrays.
+    """
+    datasets = _require("sklearn.datasets", "scikit-learn")
+    model_selection = _require("sklearn.model_selection", "scikit-learn")
+    preprocessing = _require("sklearn.preprocessing", "scikit-learn")
+
+    x, y = datasets.load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = model_selection.train_test_split(
+        x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y
+    )
+    scaler = preprocessing.StandardScaler().fit(x_train)
+    x_train = scaler.transform(x_train).astype(np.float32)
+    x_test = scaler.transform(x_test).astype(np.float32)
+    return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# Model (plain jax.numpy)
+# --------------------------------------------------------------------------
+
+
+def init_params(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.Array]]:
+    """He-normal weights, zero biases, for a ReLU MLP with layer ``sizes``."""
+    params = {}
+    keys = jax.random.split(key, len(sizes) - 1)
+    for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+        std = np.sqrt(2.0 / fan_in)
+        params[f"layer{i}"] = {
+            "w": std * jax.random.normal(k, (fan_in, fan_out), jnp.float32),
+            "b": jnp.zeros((fan_out,), jnp.float32),
+        }
+    return params
+
+
+def forward(params: dict[str, dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+    """Logits of the MLP: ReLU on every layer but the last."""
+    n_layers = len(params)
+    for i in range(n_layers):
+        layer = params[f"layer{i}"]
+        x = x @ layer["w"] + layer["b"]
+        if i < n_layers - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def loss_fn(params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy against integer labels."""
+    log_probs = jax.nn.log_softmax(forward(params, x))
+    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+
+
+@jax.jit
+def accuracy(params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Fraction of ``x`` classified as ``y``."""
+    return jnp.mean(jnp.argmax(forward(params, x), axis=-1) == y)
+
+
+def _make_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    import rmsprop_jax as rj
+
+    return rj.rmsprop(learning_rate=learning_rate)
+
+
+# --------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------
+
+
+def plot_curves(train_loss: list[float], test_accuracy: list[float], output: str) -> str:
+    """Write train loss (left axis) and test accuracy (right axis) per epoch."""
+    _require("matplotlib", "matplotlib")
+    # A bare Figure renders with the Agg canvas and leaves pyplot's global
+    # backend (and any interactive session) untouched.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.arange(1, len(train_loss) + 1)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax_loss = fig.add_subplot()
+    loss_line = ax_loss.plot(epochs, train_loss, "o-", color="tab:blue", label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set_ylabel("train loss (cross-entropy)", color="tab:blue")
+    ax_loss.tick_params(axis="y", labelcolor="tab:blue")
+    ax_loss.grid(True, alpha=0.3)
+
+    ax_acc = ax_loss.twinx()
+    acc_line = ax_acc.plot(
+        epochs, 100.0 * np.asarray(test_accuracy), "s--", color="tab:orange", label="test accuracy"
+    )
+    ax_acc.set_ylabel("test accuracy (%)", color="tab:orange")
+    ax_acc.tick_params(axis="y", labelcolor="tab:orange")
+
+    lines = loss_line + acc_line
+    ax_loss.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax_loss.set_title("rmsprop_jax: MLP on sklearn digits")
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    fig.savefig(output, format="png", dpi=100)
+    return output
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+def train(
+    epochs: int = DEFAULT_EPOCHS,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    output: str | os.PathLike[str] = DEFAULT_OUTPUT,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the digits MLP with ``rmsprop_jax.rmsprop`` and plot the curves.
+
+    Args:
+      epochs: passes over the training set (>= 1).
+      learning_rate: RMSprop step size (> 0).
+      output: where to write the loss-curve PNG.
+      seed: seeds the train/test split, the weight init and the shuffling.
+      batch_size: minibatch size (>= 1); each epoch reshuffles and drops the
+        last incomplete batch, so every step has the same shape and the
+        train step compiles once.
+      progress: show a tqdm progress bar on stderr.
+
+    Returns:
+      ``{'train_loss': [...], 'test_accuracy': [...], 'png': path}`` with one
+      entry per epoch: the mean minibatch loss over the epoch, and the test
+      accuracy (a fraction in [0, 1]) after the epoch.
+    """
+    epochs = int(epochs)
+    batch_size = int(batch_size)
+    learning_rate = float(learning_rate)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    output = os.fspath(output)
+
+    # Fail early, before any training, if an extra is missing.
+    tqdm = _require("tqdm", "tqdm").tqdm
+    _require("matplotlib", "matplotlib")
+
+    x_train, y_train, x_test, y_test = load_data(seed)
+    n_train = x_train.shape[0]
+    batch_size = min(batch_size, n_train)
+    steps_per_epoch = n_train // batch_size
+    x_test_d, y_test_d = jnp.asarray(x_test), jnp.asarray(y_test)
+
+    key = jax.random.key(seed)
+    params = init_params(key, (x_train.shape[1], HIDDEN_UNITS, 10))
+    tx = _make_optimizer(learning_rate)
+    opt_state = tx.init(params)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # params and opt_state are consumed by each step, so let XLA reuse them.
+    train_step = jax.jit(step, donate_argnums=(0, 1))
+
+    rng = np.random.default_rng(seed)
+    train_loss: list[float] = []
+    test_accuracy: list[float] = []
+    epoch_width = max(2, len(str(epochs)))
+
+    with tqdm(
+        total=epochs * steps_per_epoch,
+        disable=not progress,
+        desc="rmsprop demo",
+        unit="batch",
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(n_train)[: steps_per_epoch * batch_size]
+            xb_all = x_train[order].reshape(steps_per_epoch, batch_size, -1)
+            yb_all = y_train[order].reshape(steps_per_epoch, batch_size)
+            losses = []
+            for xb, yb in zip(xb_all, yb_all):
+                params, opt_state, loss = train_step(params, opt_state, xb, yb)
+                losses.append(loss)  # stays on device: no sync per step
+                bar.update(1)
+            epoch_loss = float(jnp.mean(jnp.stack(losses)))
+            epoch_acc = float(accuracy(params, x_test_d, y_test_d))
+            train_loss.append(epoch_loss)
+            test_accuracy.append(epoch_acc)
+            bar.set_postfix(loss=f"{epoch_loss:.4f}", acc=f"{100 * epoch_acc:.2f}%")
+            tqdm.write(
+                f"epoch {epoch:>{epoch_width}d}  loss {epoch_loss:7.4f}  "
+                f"test acc {100 * epoch_acc:6.2f}%",
+                file=sys.stdout,
+            )
+
+    png = plot_curves(train_loss, test_accuracy, output)
+    print(f"loss curve written to {png}")
+    return {"train_loss": train_loss, "test_accuracy": test_accuracy, "png": png}
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the demo's flags to ``parser`` (shared by ``demo.main`` and ``__main__``)."""
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help=f"number of passes over the training set (default: {DEFAULT_EPOCHS})",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        "--lr",
+        dest="learning_rate",
+        type=_positive_float,
+        default=DEFAULT_LEARNING_RATE,
+        metavar="LR",
+        help=f"RMSprop learning rate (default: {DEFAULT_LEARNING_RATE:g})",
+    )
+    parser.add_argument(
+        "--output",
+        "-o",
+        default=DEFAULT_OUTPUT,
+        metavar="PATH",
+        help=f"where to write the loss-curve PNG (default: ./{DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed for the train/test split, weight init and shuffling (default: 0)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="B",
+        help=f"minibatch size (default: {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="do not show the tqdm progress bar",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo from parsed arguments; returns a process exit status."""
+    start = time.perf_counter()
+    try:
+        result = train(
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            output=args.output,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    except MissingDemoDependencyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    n = len(result["train_loss"])
+    print(
+        f"final test accuracy {100 * result['test_accuracy'][-1]:.2f}% "
+        f"after {n} epoch{'s' if n != 1 else ''} in {elapsed:.1f} s"
+    )
+    return 0
+
+
+DESCRIPTION = (
+    "Train a 64-128-10 MLP on scikit-learn's digits data with rmsprop_jax.rmsprop, "
+    "print the loss and test accuracy after every epoch, and write a loss-curve PNG. "
+    f"Needs the demo extras: {_INSTALL_HINT}"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m rmsprop_jax.demo [flags]``."""
+    parser = argparse.ArgumentParser(prog="python -m rmsprop_jax demo", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
