@@ -17,16 +17,16 @@ import numpy as np
 
 
 def concrete_float(value: Any) -> float | None:
-  """``value`` as a Python float, or None when it is traced or not a scalar."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  try:
-    array = np.asarray(value)
-  except Exception:  # noqa: BLE001 - any non-numeric object
-    return None
-  if array.size != 1 or not np.issubdtype(array.dtype, np.number):
-    return None
-  return float(array.reshape(()))
+    """``value`` as a Python float, or None when it is traced or not a scalar."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - any non-numeric object
+        return None
+    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        return None
+    return float(array.reshape(()))
 
 
 def check_range(
@@ -38,102 +38,93 @@ def check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-  """Raises ValueError unless ``low <= value <= high`` (open ends as asked)."""
-  number = concrete_float(value)
-  if number is None:
-    if isinstance(value, jax.core.Tracer) or callable(value):
-      return
-    raise TypeError(f"{name} must be a real number, got {value!r}")
-  too_low = number <= low if low_open else number < low
-  too_high = number >= high if high_open else number > high
-  if math.isnan(number) or too_low or too_high:
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    raise ValueError(
-        f"{name} must be in {left}{low}, {high}{right}, got {value!r}"
-    )
+    """Raises ValueError unless ``low <= value <= high`` (open ends as asked)."""
+    number = concrete_float(value)
+    if number is None:
+        if isinstance(value, jax.core.Tracer) or callable(value):
+            return
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    too_low = number <= low if low_open else number < low
+    too_high = number >= high if high_open else number > high
+    if math.isnan(number) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 
 def is_static_zero(value: Any) -> bool:
-  """True when ``value`` is known at build time to be 0 (or None)."""
-  if value is None:
-    return True
-  number = concrete_float(value)
-  return number is not None and number == 0.0
+    """True when ``value`` is known at build time to be 0 (or None)."""
+    if value is None:
+        return True
+    number = concrete_float(value)
+    return number is not None and number == 0.0
 
 
 def _is_none(x: Any) -> bool:
-  return x is None
+    return x is None
 
 
 def flatten_with_none(tree: Any):
-  """Flattens ``tree`` keeping ``None`` as a leaf, so a missing gradient keeps its slot."""
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    """Flattens ``tree`` keeping ``None`` as a leaf, so a missing gradient keeps its slot."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
 
 
 def path_name(path) -> str:
-  """A leaf's path as ``"dense/bias"``, the name used in messages and regexes."""
-  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+    """A leaf's path as ``"dense/bias"``, the name used in messages and regexes."""
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
-def check_same_structure(
-    grads: Any, reference: Any, reference_name: str = "params"
-) -> None:
-  """Raises ValueError naming the first path where ``grads`` and ``reference`` differ."""
-  grad_leaves, grad_def = flatten_with_none(grads)
-  ref_leaves, ref_def = flatten_with_none(reference)
-  if grad_def == ref_def:
-    return
-  grad_paths = [path_name(p) for p, _ in grad_leaves]
-  ref_paths = [path_name(p) for p, _ in ref_leaves]
-  for i, (gp, rp) in enumerate(zip(grad_paths, ref_paths)):
-    if gp != rp:
-      raise ValueError(
-          f"grads and {reference_name} have different tree structures: first "
-          f"difference at leaf {i}: grads has {gp!r}, {reference_name} has {rp!r}"
-      )
-  if len(grad_paths) != len(ref_paths):
-    longer, name = (
-        (grad_paths, "grads")
-        if len(grad_paths) > len(ref_paths)
-        else (ref_paths, reference_name)
-    )
+def check_same_structure(grads: Any, reference: Any, reference_name: str = "params") -> None:
+    """Raises ValueError naming the first path where ``grads`` and ``reference`` differ."""
+    grad_leaves, grad_def = flatten_with_none(grads)
+    ref_leaves, ref_def = flatten_with_none(reference)
+    if grad_def == ref_def:
+        return
+    grad_paths = [path_name(p) for p, _ in grad_leaves]
+    ref_paths = [path_name(p) for p, _ in ref_leaves]
+    for i, (gp, rp) in enumerate(zip(grad_paths, ref_paths)):
+        if gp != rp:
+            raise ValueError(
+                f"grads and {reference_name} have different tree structures: first "
+                f"difference at leaf {i}: grads has {gp!r}, {reference_name} has {rp!r}"
+            )
+    if len(grad_paths) != len(ref_paths):
+        longer, name = (
+            (grad_paths, "grads")
+            if len(grad_paths) > len(ref_paths)
+            else (ref_paths, reference_name)
+        )
+        raise ValueError(
+            f"grads and {reference_name} have different tree structures: only "
+            f"{name} has {longer[min(len(grad_paths), len(ref_paths))]!r}"
+        )
     raise ValueError(
-        f"grads and {reference_name} have different tree structures: only "
-        f"{name} has {longer[min(len(grad_paths), len(ref_paths))]!r}"
+        f"grads and {reference_name} have different tree structures (same leaf "
+        f"paths, different containers):\n grads: {grad_def}\n "
+        f"{reference_name}: {ref_def}"
     )
-  raise ValueError(
-      f"grads and {reference_name} have different tree structures (same leaf "
-      f"paths, different containers):\n grads: {grad_def}\n "
-      f"{reference_name}: {ref_def}"
-  )
 
 
 def check_inexact_leaves(tree: Any, what: str) -> None:
-  """Raises TypeError naming the first leaf that is not float or complex."""
-  for path, leaf in flatten_with_none(tree)[0]:
-    if leaf is None:
-      continue
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-          f"{what} leaf {path_name(path)!r} has dtype {dtype}; RMSprop needs "
-          "float or complex leaves. Leave non-trainable leaves out of the tree, "
-          "use None for them, or mask them with optax.masked / optax.partition."
-      )
+    """Raises TypeError naming the first leaf that is not float or complex."""
+    for path, leaf in flatten_with_none(tree)[0]:
+        if leaf is None:
+            continue
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{what} leaf {path_name(path)!r} has dtype {dtype}; RMSprop needs "
+                "float or complex leaves. Leave non-trainable leaves out of the tree, "
+                "use None for them, or mask them with optax.masked / optax.partition."
+            )
 
 
 def map_leaves(fn: Callable, grads: Any, *trees: Any) -> list:
-  """Applies ``fn(path, g, *slots)`` to each leaf of ``grads``; None grads give None.
+    """Applies ``fn(path, g, *slots)`` to each leaf of ``grads``; None grads give None.
 
-  Slot trees that are None (an absent slot) are passed as None for every leaf.
-  Returns the flat list of results; rebuild with ``unflatten``.
-  """
-  leaves, treedef = flatten_with_none(grads)
-  flat = [
-      treedef.flatten_up_to(t) if t is not None else [None] * len(leaves)
-      for t in trees
-  ]
-  return [
-      fn(path, g, *slots) for (path, g), *slots in zip(leaves, *flat)
-  ], treedef
+    Slot trees that are None (an absent slot) are passed as None for every leaf.
+    Returns the flat list of results; rebuild with ``unflatten``.
+    """
+    leaves, treedef = flatten_with_none(grads)
+    flat = [treedef.flatten_up_to(t) if t is not None else [None] * len(leaves) for t in trees]
+    return [fn(path, g, *slots) for (path, g), *slots in zip(leaves, *flat)], treedef

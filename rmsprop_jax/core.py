@@ -63,61 +63,67 @@ SUPPORTED_ACCUMULATOR_DTYPES = ("float32", "bfloat16")
 
 
 class RMSpropState(NamedTuple):
-  """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
+    """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
-  count: Optional[chex.Array]  # int32 scalar, steps taken; only if a schedule or bias correction reads it
-  velocity: optax.Updates  # mean of |g|^2; real dtype (float32 for half / complex64 params)
-  average_gradient: Optional[optax.Updates]  # mean of g (centered only); g's dtype, float32 at least
-  momentum: Optional[optax.Updates]  # momentum buffer (momentum > 0 only); g's dtype, float32 at least
+    count: Optional[
+        chex.Array
+    ]  # int32 scalar, steps taken; only if a schedule or bias correction reads it
+    velocity: optax.Updates  # mean of |g|^2; real dtype (float32 for half / complex64 params)
+    average_gradient: Optional[
+        optax.Updates
+    ]  # mean of g (centered only); g's dtype, float32 at least
+    momentum: Optional[
+        optax.Updates
+    ]  # momentum buffer (momentum > 0 only); g's dtype, float32 at least
 
 
 def _arithmetic_dtype(dtype) -> jnp.dtype:
-  """float32 at least; complex stays complex."""
-  return jnp.promote_types(dtype, jnp.float32)
+    """float32 at least; complex stays complex."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _real_dtype(dtype) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype
+    return jnp.finfo(dtype).dtype
 
 
 def _storage_dtype(dtype, accumulator_dtype, *, real: bool) -> jnp.dtype:
-  """The dtype a slot is stored in, for a leaf of ``dtype``."""
-  arithmetic = _arithmetic_dtype(dtype)
-  if real:
-    arithmetic = _real_dtype(arithmetic)
-  if accumulator_dtype is None:
-    return arithmetic
-  if jnp.issubdtype(arithmetic, jnp.complexfloating):
-    return jnp.promote_types(accumulator_dtype, jnp.complex64)
-  return jnp.dtype(accumulator_dtype)
+    """The dtype a slot is stored in, for a leaf of ``dtype``."""
+    arithmetic = _arithmetic_dtype(dtype)
+    if real:
+        arithmetic = _real_dtype(arithmetic)
+    if accumulator_dtype is None:
+        return arithmetic
+    if jnp.issubdtype(arithmetic, jnp.complexfloating):
+        return jnp.promote_types(accumulator_dtype, jnp.complex64)
+    return jnp.dtype(accumulator_dtype)
 
 
 def _abs_sq(x: jax.Array) -> jax.Array:
-  """|x|^2 in the real dtype (x*x for real x, re^2 + im^2 for complex x)."""
-  if jnp.iscomplexobj(x):
-    return jnp.square(x.real) + jnp.square(x.imag)
-  return x * x
+    """|x|^2 in the real dtype (x*x for real x, re^2 + im^2 for complex x)."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return x * x
 
 
 def canonical_accumulator_dtype(accumulator_dtype: Any) -> Optional[jnp.dtype]:
-  """Validates ``accumulator_dtype`` and returns it as a dtype (or None)."""
-  if accumulator_dtype is None:
-    return None
-  if isinstance(accumulator_dtype, str) and accumulator_dtype == "int8":
-    raise NotImplementedError(
-        "accumulator_dtype='int8' (blockwise 8-bit state) is not implemented "
-        f"yet; supported: None, {', '.join(SUPPORTED_ACCUMULATOR_DTYPES)}"
-    )
-  try:
-    dtype = jnp.dtype(accumulator_dtype)
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.name not in SUPPORTED_ACCUMULATOR_DTYPES:
-    raise ValueError(
-        f"accumulator_dtype must be one of None, jnp.float32, jnp.bfloat16, "
-        f"got {accumulator_dtype!r}"
-    )
-  return dtype
+    """Validates ``accumulator_dtype`` and returns it as a dtype (or None)."""
+    if accumulator_dtype is None:
+        return None
+    if isinstance(accumulator_dtype, str) and accumulator_dtype == "int8":
+        raise NotImplementedError(
+            "accumulator_dtype='int8' (blockwise 8-bit state) is not implemented "
+            f"yet; supported: None, {', '.join(SUPPORTED_ACCUMULATOR_DTYPES)}"
+        )
+    try:
+        dtype = jnp.dtype(accumulator_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in SUPPORTED_ACCUMULATOR_DTYPES:
+        raise ValueError(
+            f"accumulator_dtype must be one of None, jnp.float32, jnp.bfloat16, "
+            f"got {accumulator_dtype!r}"
+        )
+    return dtype
 
 
 def rmsprop_leaf_update(
@@ -138,55 +144,55 @@ def rmsprop_leaf_update(
     maximize: bool,
     guard_zero_denominator: bool,
 ):
-  """THE RMSprop arithmetic, for one leaf; every path of the package calls it.
+    """THE RMSprop arithmetic, for one leaf; every path of the package calls it.
 
-  Takes the slots as stored and returns ``(update, velocity, average_gradient,
-  momentum_buffer)``: the update to ADD to the parameter (optax convention)
-  in ``g``'s dtype, and the new slots in their stored dtypes. Absent slots
-  (None) stay None. The order of operations follows Keras 3 (``(1 - rho)`` in
-  Python double, ``(lr * g) / sqrt(v + eps)``, ``m = momentum * m + inc``), so
-  that the default configuration agrees with Keras to the ulp.
-  """
-  out_dtype = g.dtype
-  x = g.astype(_arithmetic_dtype(g.dtype))
-  if maximize:
-    x = -x
-  one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-  v = rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * _abs_sq(x)
-  variance = v
-  a = None
-  if centered:
-    a = rho * average_gradient.astype(x.dtype) + one_minus_rho * x
-  if bias_correction_denominator is not None:
-    variance = variance / bias_correction_denominator.astype(v.dtype)
-    a_hat = None if a is None else a / bias_correction_denominator.astype(v.dtype)
-  else:
-    a_hat = a
-  if centered:
-    variance = jnp.maximum(variance - _abs_sq(a_hat), 0)
-  if eps_in_sqrt:
-    denominator = jnp.sqrt(variance + epsilon)
-  else:
-    denominator = jnp.sqrt(variance) + epsilon
-  if guard_zero_denominator:
-    denominator = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+    Takes the slots as stored and returns ``(update, velocity, average_gradient,
+    momentum_buffer)``: the update to ADD to the parameter (optax convention)
+    in ``g``'s dtype, and the new slots in their stored dtypes. Absent slots
+    (None) stay None. The order of operations follows Keras 3 (``(1 - rho)`` in
+    Python double, ``(lr * g) / sqrt(v + eps)``, ``m = momentum * m + inc``), so
+    that the default configuration agrees with Keras to the ulp.
+    """
+    out_dtype = g.dtype
+    x = g.astype(_arithmetic_dtype(g.dtype))
+    if maximize:
+        x = -x
+    one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
+    v = rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * _abs_sq(x)
+    variance = v
+    a = None
+    if centered:
+        a = rho * average_gradient.astype(x.dtype) + one_minus_rho * x
+    if bias_correction_denominator is not None:
+        variance = variance / bias_correction_denominator.astype(v.dtype)
+        a_hat = None if a is None else a / bias_correction_denominator.astype(v.dtype)
+    else:
+        a_hat = a
+    if centered:
+        variance = jnp.maximum(variance - _abs_sq(a_hat), 0)
+    if eps_in_sqrt:
+        denominator = jnp.sqrt(variance + epsilon)
+    else:
+        denominator = jnp.sqrt(variance) + epsilon
+    if guard_zero_denominator:
+        denominator = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
 
-  new_m = None
-  if momentum_buffer is None:
-    step = (learning_rate * x) / denominator
-  else:
-    added = (learning_rate * x) / denominator if lr_in_momentum else x / denominator
-    new_m = momentum * momentum_buffer.astype(x.dtype) + added
-    step = added + momentum * new_m if nesterov else new_m
-    if not lr_in_momentum:
-      step = learning_rate * step
+    new_m = None
+    if momentum_buffer is None:
+        step = (learning_rate * x) / denominator
+    else:
+        added = (learning_rate * x) / denominator if lr_in_momentum else x / denominator
+        new_m = momentum * momentum_buffer.astype(x.dtype) + added
+        step = added + momentum * new_m if nesterov else new_m
+        if not lr_in_momentum:
+            step = learning_rate * step
 
-  return (
-      (-step).astype(out_dtype),
-      v.astype(velocity.dtype),
-      None if a is None else a.astype(average_gradient.dtype),
-      None if new_m is None else new_m.astype(momentum_buffer.dtype),
-  )
+    return (
+        (-step).astype(out_dtype),
+        v.astype(velocity.dtype),
+        None if a is None else a.astype(average_gradient.dtype),
+        None if new_m is None else new_m.astype(momentum_buffer.dtype),
+    )
 
 
 def scale_by_rmsprop(
@@ -204,123 +210,126 @@ def scale_by_rmsprop(
     maximize: bool = False,
     accumulator_dtype: Any = None,
 ) -> optax.GradientTransformation:
-  r"""RMSprop with every convention, learning rate and momentum included.
+    r"""RMSprop with every convention, learning rate and momentum included.
 
-  The output is the update to add to the parameters (``optax.apply_updates``):
-  the learning rate and the sign are already applied, so this is a complete
-  optimizer. See the module docstring for the math. Defaults are Keras 3's.
+    The output is the update to add to the parameters (``optax.apply_updates``):
+    the learning rate and the sign are already applied, so this is a complete
+    optimizer. See the module docstring for the math. Defaults are Keras 3's.
 
-  Args:
-    learning_rate: a non-negative float, or a schedule ``count -> lr``
-      evaluated at the number of steps taken before this one (0 first), as
-      Keras and optax do.
-    rho: discounting factor of the moving averages, in [0, 1).
-    epsilon: non-negative constant added to the denominator.
-    centered: divide by the estimated standard deviation (Graves 2013)
-      instead of the root mean square.
-    momentum: momentum coefficient in [0, 1); 0 keeps no momentum slot.
-    nesterov: Nesterov momentum (as ``optax.trace``); needs momentum > 0.
-    lr_in_momentum: True (Keras, TF, optax): the buffer accumulates
-      ``lr * g / d``. False (PyTorch): it accumulates ``g / d`` and the step
-      is ``lr * m``, so a changed learning rate acts at once on the buffer.
-    eps_in_sqrt: True (Keras, TF fused kernels, optax, OneFlow):
-      ``sqrt(v + eps)``. False (PyTorch, TF 2 momentum-free path):
-      ``sqrt(v) + eps``.
-    initial_accumulator_value: non-negative start value of ``v`` (TF1: 1.0,
-      optax: ``initial_scale``).
-    bias_correction: divide ``v`` (and ``a``) by ``1 - rho**(t+1)`` as optax.
-    maximize: ascend the objective (PyTorch ``maximize``).
-    accumulator_dtype: None (the arithmetic dtype: float32 for float16,
-      bfloat16 and float32 leaves; the real part's dtype for ``v`` of complex
-      leaves), ``jnp.float32`` or ``jnp.bfloat16`` (storage only; arithmetic is
-      float32).
+    Args:
+      learning_rate: a non-negative float, or a schedule ``count -> lr``
+        evaluated at the number of steps taken before this one (0 first), as
+        Keras and optax do.
+      rho: discounting factor of the moving averages, in [0, 1).
+      epsilon: non-negative constant added to the denominator.
+      centered: divide by the estimated standard deviation (Graves 2013)
+        instead of the root mean square.
+      momentum: momentum coefficient in [0, 1); 0 keeps no momentum slot.
+      nesterov: Nesterov momentum (as ``optax.trace``); needs momentum > 0.
+      lr_in_momentum: True (Keras, TF, optax): the buffer accumulates
+        ``lr * g / d``. False (PyTorch): it accumulates ``g / d`` and the step
+        is ``lr * m``, so a changed learning rate acts at once on the buffer.
+      eps_in_sqrt: True (Keras, TF fused kernels, optax, OneFlow):
+        ``sqrt(v + eps)``. False (PyTorch, TF 2 momentum-free path):
+        ``sqrt(v) + eps``.
+      initial_accumulator_value: non-negative start value of ``v`` (TF1: 1.0,
+        optax: ``initial_scale``).
+      bias_correction: divide ``v`` (and ``a``) by ``1 - rho**(t+1)`` as optax.
+      maximize: ascend the objective (PyTorch ``maximize``).
+      accumulator_dtype: None (the arithmetic dtype: float32 for float16,
+        bfloat16 and float32 leaves; the real part's dtype for ``v`` of complex
+        leaves), ``jnp.float32`` or ``jnp.bfloat16`` (storage only; arithmetic is
+        float32).
 
-  Returns:
-    An ``optax.GradientTransformation`` with :class:`RMSpropState`.
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`RMSpropState`.
 
-  Example:
-    >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
-    >>> tx = rj.scale_by_rmsprop(learning_rate=0.1)
-    >>> params = jnp.array([10.0])
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(params, state, params)  # g = w
-    >>> optax.apply_updates(params, updates)
-    Array([9.683772], dtype=float32)
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
+      >>> tx = rj.scale_by_rmsprop(learning_rate=0.1)
+      >>> params = jnp.array([10.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)  # g = w
+      >>> optax.apply_updates(params, updates)
+      Array([9.683772], dtype=float32)
 
-  References:
-    Hinton, Neural Networks for Machine Learning, lecture 6e, 2012.
-    Graves, Generating Sequences With Recurrent Neural Networks, 2013.
-  """
-  _checks.check_range("rho", rho, 0.0, 1.0, high_open=True)
-  _checks.check_range("epsilon", epsilon, 0.0)
-  _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-  _checks.check_range("initial_accumulator_value", initial_accumulator_value, 0.0)
-  if not callable(learning_rate):
-    _checks.check_range("learning_rate", learning_rate, 0.0)
-  has_momentum = not _checks.is_static_zero(momentum)
-  if nesterov and not has_momentum:
-    raise ValueError(
-        f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}"
-    )
-  storage = canonical_accumulator_dtype(accumulator_dtype)
-  schedule = learning_rate if callable(learning_rate) else None
-  keeps_count = schedule is not None or bias_correction
-  leaf_options = dict(
-      rho=rho,
-      epsilon=epsilon,
-      momentum=momentum,
-      centered=centered,
-      eps_in_sqrt=eps_in_sqrt,
-      nesterov=nesterov,
-      lr_in_momentum=lr_in_momentum,
-      maximize=maximize,
-      guard_zero_denominator=_checks.is_static_zero(epsilon),
-  )
-
-  def slots_like(params, fill, *, real):
-    def make(p):
-      if p is None:
-        return None
-      return jnp.full(jnp.shape(p), fill, _storage_dtype(jnp.result_type(p), storage, real=real))
-
-    return jax.tree.map(make, params, is_leaf=lambda x: x is None)
-
-  def init_fn(params):
-    _checks.check_inexact_leaves(params, "params")
-    return RMSpropState(
-        count=jnp.zeros([], jnp.int32) if keeps_count else None,
-        velocity=slots_like(params, initial_accumulator_value, real=True),
-        average_gradient=slots_like(params, 0, real=False) if centered else None,
-        momentum=slots_like(params, 0, real=False) if has_momentum else None,
+    References:
+      Hinton, Neural Networks for Machine Learning, lecture 6e, 2012.
+      Graves, Generating Sequences With Recurrent Neural Networks, 2013.
+    """
+    _checks.check_range("rho", rho, 0.0, 1.0, high_open=True)
+    _checks.check_range("epsilon", epsilon, 0.0)
+    _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    _checks.check_range("initial_accumulator_value", initial_accumulator_value, 0.0)
+    if not callable(learning_rate):
+        _checks.check_range("learning_rate", learning_rate, 0.0)
+    has_momentum = not _checks.is_static_zero(momentum)
+    if nesterov and not has_momentum:
+        raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    storage = canonical_accumulator_dtype(accumulator_dtype)
+    schedule = learning_rate if callable(learning_rate) else None
+    keeps_count = schedule is not None or bias_correction
+    leaf_options = dict(
+        rho=rho,
+        epsilon=epsilon,
+        momentum=momentum,
+        centered=centered,
+        eps_in_sqrt=eps_in_sqrt,
+        nesterov=nesterov,
+        lr_in_momentum=lr_in_momentum,
+        maximize=maximize,
+        guard_zero_denominator=_checks.is_static_zero(epsilon),
     )
 
-  def update_fn(updates, state, params=None):
-    if params is not None:
-      _checks.check_same_structure(updates, params, "params")
-    _checks.check_same_structure(updates, state.velocity, "the optimizer state")
-    _checks.check_inexact_leaves(updates, "grads")
-    lr = schedule(state.count) if schedule is not None else learning_rate
-    bias_denominator = None
-    if bias_correction:
-      bias_denominator = 1 - rho ** optax.safe_increment(state.count)
+    def slots_like(params, fill, *, real):
+        def make(p):
+            if p is None:
+                return None
+            return jnp.full(
+                jnp.shape(p), fill, _storage_dtype(jnp.result_type(p), storage, real=real)
+            )
 
-    def leaf(path, g, v, a, m):
-      if g is None:
-        return None, v, a, m
-      return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
+        return jax.tree.map(make, params, is_leaf=lambda x: x is None)
 
-    results, treedef = _checks.map_leaves(
-        leaf, updates, state.velocity, state.average_gradient, state.momentum
-    )
-    columns = [treedef.unflatten(col) for col in zip(*results)] if results else [
-        treedef.unflatten([])] * 4
-    new_updates, velocity, average_gradient, momentum_buffer = columns
-    new_state = RMSpropState(
-        count=optax.safe_increment(state.count) if keeps_count else None,
-        velocity=velocity,
-        average_gradient=average_gradient if centered else None,
-        momentum=momentum_buffer if has_momentum else None,
-    )
-    return new_updates, new_state
+    def init_fn(params):
+        _checks.check_inexact_leaves(params, "params")
+        return RMSpropState(
+            count=jnp.zeros([], jnp.int32) if keeps_count else None,
+            velocity=slots_like(params, initial_accumulator_value, real=True),
+            average_gradient=slots_like(params, 0, real=False) if centered else None,
+            momentum=slots_like(params, 0, real=False) if has_momentum else None,
+        )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    def update_fn(updates, state, params=None):
+        if params is not None:
+            _checks.check_same_structure(updates, params, "params")
+        _checks.check_same_structure(updates, state.velocity, "the optimizer state")
+        _checks.check_inexact_leaves(updates, "grads")
+        lr = schedule(state.count) if schedule is not None else learning_rate
+        bias_denominator = None
+        if bias_correction:
+            bias_denominator = 1 - rho ** optax.safe_increment(state.count)
+
+        def leaf(path, g, v, a, m):
+            if g is None:
+                return None, v, a, m
+            return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
+
+        results, treedef = _checks.map_leaves(
+            leaf, updates, state.velocity, state.average_gradient, state.momentum
+        )
+        columns = (
+            [treedef.unflatten(col) for col in zip(*results)]
+            if results
+            else [treedef.unflatten([])] * 4
+        )
+        new_updates, velocity, average_gradient, momentum_buffer = columns
+        new_state = RMSpropState(
+            count=optax.safe_increment(state.count) if keeps_count else None,
+            velocity=velocity,
+            average_gradient=average_gradient if centered else None,
+            momentum=momentum_buffer if has_momentum else None,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
