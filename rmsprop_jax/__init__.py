@@ -2,11 +2,39 @@
 
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
+from rmsprop_jax import schedules, transforms
+from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
+from rmsprop_jax.transforms import (
+    accumulate_gradients,
+    add_decoupled_weight_decay,
+    clip_by_global_norm,
+    clip_by_norm,
+    clip_by_value,
+    dynamic_loss_scale,
+    ema,
+    ema_params,
+    loss_scale,
+    unscale_gradients,
+)
 from rmsprop_jax.utils import apply_updates
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RMSprop",
+    "RMSpropOptimizerState",
+    "accumulate_gradients",
+    "add_decoupled_weight_decay",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "dynamic_loss_scale",
+    "ema",
+    "ema_params",
+    "loss_scale",
+    "schedules",
+    "transforms",
+    "unscale_gradients",
     "RMSpropState",
     "apply_updates",
     "rmsprop",

@@ -53,11 +53,15 @@ def check_range(
 
 
 def is_static_zero(value: Any) -> bool:
-    """True when ``value`` is known at build time to be 0 (or None)."""
+    """True when ``value`` is a Python number equal to 0, or None.
+
+    Arrays (concrete or traced) count as non-zero: under
+    ``optax.inject_hyperparams`` the same hyperparameter is a concrete array at
+    ``init`` and a tracer at ``update``, and both must build the same state.
+    """
     if value is None:
         return True
-    number = concrete_float(value)
-    return number is not None and number == 0.0
+    return isinstance(value, (int, float)) and value == 0
 
 
 def _is_none(x: Any) -> bool:

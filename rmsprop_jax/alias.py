@@ -6,20 +6,8 @@ from typing import Any, Optional
 
 import optax
 
-from rmsprop_jax import core
-
-# Keras feature arguments that are not implemented yet, with their "off" values.
-_NOT_YET = (
-    "weight_decay",
-    "clipnorm",
-    "clipvalue",
-    "global_clipnorm",
-    "use_ema",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
-    "exclude_from_weight_decay",
-)
+from rmsprop_jax import _checks, core, schedules, transforms
+from rmsprop_jax.transforms.ema import check_positive_int
 
 
 def rmsprop(
@@ -68,10 +56,25 @@ def rmsprop(
       momentum: momentum in [0, 1); 0 keeps no momentum buffer.
       epsilon: small non-negative constant for numerical stability.
       centered: normalise by the estimated variance of the gradient.
-      weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps,
-        exclude_from_weight_decay: Keras 3 features, not implemented yet;
-        setting one raises ``NotImplementedError`` naming it.
+      weight_decay: decoupled weight decay ``w -= w * weight_decay * lr``
+        (Keras; not L2), applied on every update step.
+      clipnorm: clip each gradient tensor to this L2 norm (Keras formula).
+      clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]``.
+      global_clipnorm: clip the whole gradient tree to this global norm
+        (a non-finite norm makes the step NaN, as Keras). At most one of the
+        three clip options may be set; 0 or None disables.
+      use_ema: keep an exponential moving average of the weights
+        (read it with :func:`rmsprop_jax.ema_params`).
+      ema_momentum: EMA momentum in [0, 1]; the first step copies the weights.
+      ema_overwrite_frequency: overwrite the weights with their average every
+        this many (update) steps; None never.
+      loss_scale_factor: the gradients are divided by it (the loss was
+        multiplied by it).
+      gradient_accumulation_steps: apply the mean of every N gradients once
+        every N calls (Keras semantics; schedules and EMA advance on every call).
+      exclude_from_weight_decay: leaves not decayed: regex strings searched in
+        each leaf's path name ("dense/bias"), a bool pytree (True: excluded) or
+        a callable ``params -> bool pytree``.
       nesterov: Nesterov momentum (optax ``trace(nesterov=True)``).
       eps_in_sqrt: ``sqrt(v + eps)`` (True, Keras) or ``sqrt(v) + eps`` (PyTorch).
       lr_in_momentum: the buffer holds ``lr*g/d`` (True, Keras/TF/optax) or
@@ -94,36 +97,69 @@ def rmsprop(
       >>> optax.apply_updates(params, updates)["w"]
       Array([9.683772], dtype=float32)
     """
-    given = dict(
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        exclude_from_weight_decay=exclude_from_weight_decay,
+    clip_options = dict(clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm)
+    clips_set = [name for name, value in clip_options.items() if value]  # 0/None disable, as Keras
+    if len(clips_set) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set, got "
+            + ", ".join(f"{name}={clip_options[name]!r}" for name in clips_set)
+        )
+    if weight_decay is not None:
+        _checks.check_range("weight_decay", weight_decay, 0.0)
+    if loss_scale_factor is not None:
+        _checks.check_range("loss_scale_factor", loss_scale_factor, 0.0, low_open=True)
+    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    if use_ema:
+        _checks.check_range("ema_momentum", ema_momentum, 0.0, 1.0)
+        check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
+    steps = gradient_accumulation_steps or 1
+    # Schedules are read at Keras' raw iteration count, also by the pieces that
+    # only run on accumulation update steps.
+    schedule = schedules.as_schedule(learning_rate)
+    inner_lr = learning_rate if schedule is None else schedules.shifted(schedule, steps)
+
+    update_pieces = []
+    if clipnorm:
+        update_pieces.append(transforms.clip_by_norm(clipnorm))
+    elif global_clipnorm:
+        update_pieces.append(transforms.clip_by_global_norm(global_clipnorm))
+    elif clipvalue:
+        update_pieces.append(transforms.clip_by_value(clipvalue))
+    update_pieces.append(
+        core.scale_by_rmsprop(
+            inner_lr,
+            rho,
+            epsilon,
+            centered,
+            momentum=momentum,
+            nesterov=nesterov,
+            lr_in_momentum=lr_in_momentum,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_accumulator_value=initial_accumulator_value,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            accumulator_dtype=accumulator_dtype,
+        )
     )
-    for name in _NOT_YET:
-        if given[name] is not None and given[name] is not False:
-            raise NotImplementedError(
-                f"rmsprop(): {name}={given[name]!r} is not implemented yet (Keras "
-                "feature arguments arrive with the feature transforms)"
-            )
-    del ema_momentum  # only read when use_ema=True
-    tx = core.scale_by_rmsprop(
-        learning_rate,
-        rho,
-        epsilon,
-        centered,
-        momentum=momentum,
-        nesterov=nesterov,
-        lr_in_momentum=lr_in_momentum,
-        eps_in_sqrt=eps_in_sqrt,
-        initial_accumulator_value=initial_accumulator_value,
-        bias_correction=bias_correction,
-        maximize=maximize,
-        accumulator_dtype=accumulator_dtype,
-    )
-    return optax.with_extra_args_support(tx)
+    if weight_decay:
+        # Keras decays the weights just before update_step; the decay reads
+        # w, not g, so adding it after the RMSprop step is the same update.
+        update_pieces.append(
+            transforms.add_decoupled_weight_decay(weight_decay, inner_lr, exclude_from_weight_decay)
+        )
+    elif exclude_from_weight_decay is not None:
+        transforms.weight_decay.compile_exclusion(exclude_from_weight_decay)  # validate anyway
+
+    pieces = []
+    if loss_scale_factor is not None:
+        pieces.append(transforms.unscale_gradients(loss_scale_factor))
+    update = _chain(update_pieces)
+    pieces.append(update if steps == 1 else transforms.accumulate_gradients(update, steps))
+    if use_ema:
+        pieces.append(transforms.ema(ema_momentum, ema_overwrite_frequency, steps))
+    return optax.with_extra_args_support(_chain(pieces))
+
+
+def _chain(pieces):
+    """``optax.chain`` without a wrapper (and its nested state) around a single piece."""
+    return pieces[0] if len(pieces) == 1 else optax.chain(*pieces)

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, schedules
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -261,13 +261,11 @@ def scale_by_rmsprop(
     _checks.check_range("epsilon", epsilon, 0.0)
     _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     _checks.check_range("initial_accumulator_value", initial_accumulator_value, 0.0)
-    if not callable(learning_rate):
-        _checks.check_range("learning_rate", learning_rate, 0.0)
+    schedule = schedules.as_schedule(learning_rate)
     has_momentum = not _checks.is_static_zero(momentum)
     if nesterov and not has_momentum:
         raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
     storage = canonical_accumulator_dtype(accumulator_dtype)
-    schedule = learning_rate if callable(learning_rate) else None
     keeps_count = schedule is not None or bias_correction
     leaf_options = dict(
         rho=rho,

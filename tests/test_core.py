@@ -339,25 +339,6 @@ def test_rho_must_be_a_number():
         rj.rmsprop(rho="0.9")
 
 
-@pytest.mark.parametrize(
-    "name, value",
-    [
-        ("weight_decay", 0.01),
-        ("clipnorm", 1.0),
-        ("clipvalue", 1.0),
-        ("global_clipnorm", 1.0),
-        ("use_ema", True),
-        ("ema_overwrite_frequency", 10),
-        ("loss_scale_factor", 128.0),
-        ("gradient_accumulation_steps", 2),
-        ("exclude_from_weight_decay", ["bias"]),
-    ],
-)
-def test_keras_features_not_silently_ignored(name, value):
-    with pytest.raises(NotImplementedError, match=name):
-        rj.rmsprop(**{name: value})
-
-
 def test_int8_state_not_yet_available():
     with pytest.raises(NotImplementedError, match="int8"):
         rj.rmsprop(accumulator_dtype="int8")

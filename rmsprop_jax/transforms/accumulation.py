@@ -1,0 +1,100 @@
+"""Gradient accumulation with Keras 3 semantics (``gradient_accumulation_steps``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax.transforms.ema import check_positive_int
+
+
+class AccumulationState(NamedTuple):
+    """State of :func:`accumulate_gradients`."""
+
+    count: chex.Array  # int32 scalar: calls so far (Keras' raw ``iterations``)
+    accumulators: optax.Updates  # raw SUM of the gradients since the last update, grads' dtypes
+    inner_state: optax.OptState  # the wrapped transform's state, advanced on update steps only
+
+
+def accumulate_gradients(
+    inner: optax.GradientTransformation, gradient_accumulation_steps: int
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keras 3 gradient accumulation around ``inner``.
+
+    With ``N = gradient_accumulation_steps`` and ``i`` the number of calls
+    before this one, call ``i`` is an update step when ``(i + 1) % N == 0``:
+
+    * update step: ``inner`` receives ``(g + acc) / N`` (the mean of the last
+      ``N`` gradients, summed then divided, as Keras) and its update is
+      returned; the accumulators are reset to zero;
+    * other steps: ``acc += g``, the update is zero and ``inner``'s state is
+      unchanged.
+
+    The difference from ``optax.MultiSteps``: Keras semantics count every
+    call (the counter here, and Keras schedules and EMA, advance on every
+    micro-step; ``rj.rmsprop`` evaluates the learning-rate schedule at the raw
+    call count ``(j + 1) * N - 1`` of the ``j``-th update, via
+    :func:`rmsprop_jax.schedules.shifted`), and the mean is
+    ``(sum) / N``; ``MultiSteps`` keeps a running mean
+    ``acc += (g - acc) / (k + 1)`` and its inner schedules see update steps.
+    Both are usable with every transform here; pick ``MultiSteps`` to match
+    optax-based code, this one to match Keras.
+
+    The inner transform runs under ``lax.cond``: non-update steps cost one
+    pass over the gradients (the accumulation) and nothing else.
+
+    Args:
+      inner: the transformation applied on update steps.
+      gradient_accumulation_steps: integer ``N >= 1`` (1 accumulates nothing).
+    """
+    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    steps = gradient_accumulation_steps
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return AccumulationState(
+            count=jnp.zeros([], jnp.int32),
+            accumulators=jax.tree.map(jnp.zeros_like, params),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        is_update_step = (state.count + 1) % steps == 0
+
+        def apply(_):
+            mean = _map(lambda g, acc: (g + acc) / steps, updates, state.accumulators)
+            new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
+            return new_updates, inner_state, jax.tree.map(jnp.zeros_like, state.accumulators)
+
+        def accumulate(_):
+            new_updates, _ = jax.eval_shape(
+                lambda: inner.update(updates, state.inner_state, params, **extra_args)
+            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), new_updates)  # None stays
+            sums = _map(lambda g, acc: acc + g, updates, state.accumulators, none=lambda acc: acc)
+            return zeros, state.inner_state, sums
+
+        new_updates, inner_state, accumulators = jax.lax.cond(
+            is_update_step, apply, accumulate, None
+        )
+        return new_updates, AccumulationState(
+            count=optax.safe_increment(state.count),
+            accumulators=accumulators,
+            inner_state=inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _map(fn, grads, accumulators, none=lambda acc: None):
+    """``fn(g, acc)`` per leaf; a None gradient gives ``none(acc)``."""
+    return jax.tree.map(
+        lambda g, acc: none(acc) if g is None else fn(g, acc),
+        grads,
+        accumulators,
+        is_leaf=lambda x: x is None,
+    )

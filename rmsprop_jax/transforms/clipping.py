@@ -1,0 +1,113 @@
+"""Gradient clipping with Keras 3 semantics (``clipvalue``, ``clipnorm``, ``global_clipnorm``).
+
+Each is a stateless optax transform usable alone in ``optax.chain``. They differ
+from optax's clippers in exactly the ways Keras differs:
+
+* :func:`clip_by_norm` always rescales, ``g * c / max(||g||, c)`` (a no-op
+  multiply-divide when ``||g|| <= c``), per tensor; a zero tensor stays zero.
+* :func:`clip_by_global_norm` uses ``g * (c * min(1/n, 1/c) + (n - n))``: a
+  non-finite global norm makes every gradient NaN (optax's version would keep
+  the non-finite values as they are).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _checks
+
+
+def _tree_map(fn, tree):
+    return jax.tree.map(lambda g: None if g is None else fn(g), tree, is_leaf=lambda x: x is None)
+
+
+def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
+    """Keras ``clipvalue``: ``g = clip(g, -c, c)`` elementwise.
+
+    Args:
+      clipvalue: positive bound ``c``.
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax as rj
+      >>> rj.clip_by_value(1.0).update(jnp.array([-3.0, 0.5, 2.0]), None)[0]
+      Array([-1. ,  0.5,  1. ], dtype=float32)
+    """
+    _checks.check_range("clipvalue", clipvalue, 0.0, low_open=True)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return _tree_map(lambda g: jnp.clip(g, -clipvalue, clipvalue), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _keras_norm(g: jax.Array) -> jax.Array:
+    """sqrt(sum(g*g)) in float32 at least; 0 stays exactly 0 (Keras' two-tap where)."""
+    square_sum = jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+    return jnp.where(square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum)
+
+
+def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
+    """Keras ``clipnorm``: each tensor becomes ``g * c / max(||g||_2, c)``.
+
+    Always applied (also when ``||g|| <= c``, where it divides by ``c`` after
+    multiplying by ``c``, as Keras does), independently per leaf.
+
+    Args:
+      clipnorm: positive maximum norm ``c`` of each tensor.
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax as rj
+      >>> rj.clip_by_norm(1.0).update(jnp.array([3.0, 4.0]), None)[0]
+      Array([0.6, 0.8], dtype=float32)
+    """
+    _checks.check_range("clipnorm", clipnorm, 0.0, low_open=True)
+
+    def clip(g):
+        return ((g * clipnorm) / jnp.maximum(_keras_norm(g), clipnorm)).astype(g.dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return _tree_map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (None leaves skipped), float32 at least."""
+    leaves = [g for g in jax.tree.leaves(tree) if g is not None]
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    return jnp.sqrt(
+        sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32)))) for g in leaves)
+    )
+
+
+def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
+    """Keras ``global_clipnorm``: ``g *= c * min(1/n, 1/c) + (n - n)``, ``n`` the global norm.
+
+    The ``(n - n)`` term is Keras' NaN propagation: an infinite or NaN global
+    norm turns every gradient into NaN, so a bad step is never silently
+    rescaled into a plausible one. Under ``pjit`` / sharded arrays the norm is
+    the norm of the whole (global) tree.
+
+    Args:
+      global_clipnorm: positive maximum global norm ``c``.
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax as rj
+      >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> rj.clip_by_global_norm(1.0).update(g, None)[0]["b"]
+      Array([0.8], dtype=float32)
+    """
+    _checks.check_range("global_clipnorm", global_clipnorm, 0.0, low_open=True)
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
+        return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -1,0 +1,132 @@
+"""Weight EMA with Keras 3 semantics (``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _checks
+
+
+class EmaState(NamedTuple):
+    """State of :func:`ema`."""
+
+    count: chex.Array  # int32 scalar: calls so far (Keras' raw ``iterations``)
+    ema: optax.Params  # the moving averages of the parameters, params' dtypes
+
+
+def ema(
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: Optional[int] = None,
+    gradient_accumulation_steps: Optional[int] = None,
+) -> optax.GradientTransformation:
+    r"""Keras 3 exponential moving average of the weights, as the LAST transform of a chain.
+
+    On every call, after the update ``w' = w + u`` (computed here as
+    ``optax.apply_updates`` would):
+
+    .. math::
+
+      k = \begin{cases} 0 & i = 0 \\ \text{ema\_momentum} & i > 0 \end{cases},
+      \qquad \bar w \leftarrow k \bar w + (1 - k) w'
+
+    with ``i`` Keras' ``iterations`` property (``calls // N`` under gradient
+    accumulation of ``N`` steps), so the first step copies the weights and
+    there is no warm-up. When ``(i + 1) % ema_overwrite_frequency == 0`` the
+    update is replaced so that the weights become the averages
+    (``u = avg - w``; ``w + u`` equals the average up to one rounding, and
+    :meth:`rmsprop_jax.RMSprop.stateless_apply` writes it exactly). The
+    averages are read with :func:`rmsprop_jax.ema_params` (Keras'
+    ``finalize_variable_values``).
+
+    Args:
+      ema_momentum: in [0, 1].
+      ema_overwrite_frequency: None (never overwrite) or an integer >= 1.
+      gradient_accumulation_steps: the ``N`` of an accumulation wrapper earlier
+        in the chain, so ``i`` counts update steps as in Keras.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
+      >>> tx = optax.chain(optax.sgd(1.0), rj.ema(0.5))
+      >>> p = jnp.array([1.0]); s = tx.init(p)
+      >>> for _ in range(2):
+      ...     u, s = tx.update(jnp.array([1.0]), s, p); p = optax.apply_updates(p, u)
+      >>> p, rj.ema_params(s)
+      (Array([-1.], dtype=float32), Array([-0.5], dtype=float32))
+    """
+    _checks.check_range("ema_momentum", ema_momentum, 0.0, 1.0)
+    check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
+    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    steps = gradient_accumulation_steps or 1
+
+    def init_fn(params):
+        return EmaState(count=jnp.zeros([], jnp.int32), ema=jax.tree.map(jnp.array, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        iterations = state.count // steps
+        k = jnp.where(iterations != 0, ema_momentum, 0.0)
+        new_params = optax.apply_updates(params, _zeros_for_none(updates, params))
+
+        def average(avg, w):
+            k_ = k.astype(w.dtype)
+            return k_ * avg + (1 - k_) * w
+
+        new_ema = jax.tree.map(average, state.ema, new_params)
+        if ema_overwrite_frequency is not None:
+            overwrite = (iterations + 1) % ema_overwrite_frequency == 0
+            updates = jax.tree.map(
+                lambda u, avg, w: jnp.where(overwrite, (avg - w).astype(w.dtype), u),
+                _zeros_for_none(updates, params),
+                new_ema,
+                params,
+            )
+        return updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """None, or an integer >= 1 (bools rejected)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+
+
+def _zeros_for_none(updates, params):
+    return jax.tree.map(
+        lambda u, p: jnp.zeros_like(p) if u is None else u,
+        updates,
+        params,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def ema_params(opt_state: Any) -> Any:
+    """The EMA weights held in ``opt_state`` (Keras' ``finalize_variable_values``).
+
+    Works on any state that contains an :class:`EmaState`, however nested
+    (``optax.chain``, ``rj.rmsprop``, ``rj.RMSprop``, loss-scale wrappers).
+
+    Raises:
+      ValueError: when the state holds no EMA, or more than one.
+    """
+    found = [
+        s.ema
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+        if isinstance(s, EmaState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"ema_params: expected exactly one EMA state in opt_state, found {len(found)}"
+            + ("; build the optimizer with use_ema=True" if not found else "")
+        )
+    return found[0]
