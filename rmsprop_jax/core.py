@@ -65,16 +65,14 @@ SUPPORTED_ACCUMULATOR_DTYPES = ("float32", "bfloat16")
 class RMSpropState(NamedTuple):
     """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
-    count: Optional[
-        chex.Array
-    ]  # int32 scalar, steps taken; only if a schedule or bias correction reads it
-    velocity: optax.Updates  # mean of |g|^2; real dtype (float32 for half / complex64 params)
-    average_gradient: Optional[
-        optax.Updates
-    ]  # mean of g (centered only); g's dtype, float32 at least
-    momentum: Optional[
-        optax.Updates
-    ]  # momentum buffer (momentum > 0 only); g's dtype, float32 at least
+    # int32 scalar: steps taken; only when a schedule or bias correction reads it.
+    count: Optional[chex.Array]
+    # Mean of |g|^2, real dtype (float32 for float16 / bfloat16 / float32 / complex64 params).
+    velocity: optax.Updates
+    # Mean of g (centered only): g's dtype, float32 at least.
+    average_gradient: Optional[optax.Updates]
+    # Momentum buffer (momentum > 0 only): g's dtype, float32 at least.
+    momentum: Optional[optax.Updates]
 
 
 def _arithmetic_dtype(dtype) -> jnp.dtype:
