@@ -1,8 +1,8 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
+from rmsprop_jax import schedules, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
-from rmsprop_jax import schedules, transforms
 from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
 from rmsprop_jax.transforms import (
     accumulate_gradients,
@@ -23,8 +23,10 @@ __version__ = "0.1.0"
 __all__ = [
     "RMSprop",
     "RMSpropOptimizerState",
+    "RMSpropState",
     "accumulate_gradients",
     "add_decoupled_weight_decay",
+    "apply_updates",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
@@ -32,12 +34,10 @@ __all__ = [
     "ema",
     "ema_params",
     "loss_scale",
-    "schedules",
-    "transforms",
-    "unscale_gradients",
-    "RMSpropState",
-    "apply_updates",
     "rmsprop",
     "rmsprop_leaf_update",
     "scale_by_rmsprop",
+    "schedules",
+    "transforms",
+    "unscale_gradients",
 ]

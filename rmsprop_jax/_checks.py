@@ -9,7 +9,8 @@ are accepted as they are.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +133,21 @@ def map_leaves(fn: Callable, grads: Any, *trees: Any) -> list:
     leaves, treedef = flatten_with_none(grads)
     flat = [treedef.flatten_up_to(t) if t is not None else [None] * len(leaves) for t in trees]
     return [fn(path, g, *slots) for (path, g), *slots in zip(leaves, *flat)], treedef
+
+
+def find_state(opt_state: Any, cls: type, purpose: str, hint: str = "") -> Any:
+    """The single instance of state class ``cls`` nested anywhere in ``opt_state``.
+
+    Raises ValueError (starting with ``purpose``) when there is none or several.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
+        if isinstance(s, cls)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"{purpose}: expected exactly one {cls.__name__} in the optimizer state, "
+            f"found {len(found)}" + (hint if not found else "")
+        )
+    return found[0]

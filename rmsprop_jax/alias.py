@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import optax
 
@@ -16,15 +16,15 @@ def rmsprop(
     momentum: float = 0.0,
     epsilon: float = 1e-7,
     centered: bool = False,
-    weight_decay: Optional[float] = None,
-    clipnorm: Optional[float] = None,
-    clipvalue: Optional[float] = None,
-    global_clipnorm: Optional[float] = None,
+    weight_decay: float | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
     use_ema: bool = False,
     ema_momentum: float = 0.99,
-    ema_overwrite_frequency: Optional[int] = None,
-    loss_scale_factor: Optional[float] = None,
-    gradient_accumulation_steps: Optional[int] = None,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: float | None = None,
+    gradient_accumulation_steps: int | None = None,
     *,
     exclude_from_weight_decay: Any = None,
     nesterov: bool = False,

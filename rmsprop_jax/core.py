@@ -47,7 +47,8 @@ Numerics that other implementations get wrong, guaranteed here:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
 
 import chex
 import jax
@@ -66,13 +67,13 @@ class RMSpropState(NamedTuple):
     """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
     # int32 scalar: steps taken; only when a schedule or bias correction reads it.
-    count: Optional[chex.Array]
+    count: chex.Array | None
     # Mean of |g|^2, real dtype (float32 for float16 / bfloat16 / float32 / complex64 params).
     velocity: optax.Updates
     # Mean of g (centered only): g's dtype, float32 at least.
-    average_gradient: Optional[optax.Updates]
+    average_gradient: optax.Updates | None
     # Momentum buffer (momentum > 0 only): g's dtype, float32 at least.
-    momentum: Optional[optax.Updates]
+    momentum: optax.Updates | None
 
 
 def _arithmetic_dtype(dtype) -> jnp.dtype:
@@ -103,7 +104,7 @@ def _abs_sq(x: jax.Array) -> jax.Array:
     return x * x
 
 
-def canonical_accumulator_dtype(accumulator_dtype: Any) -> Optional[jnp.dtype]:
+def canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
     """Validates ``accumulator_dtype`` and returns it as a dtype (or None)."""
     if accumulator_dtype is None:
         return None
@@ -127,10 +128,10 @@ def canonical_accumulator_dtype(accumulator_dtype: Any) -> Optional[jnp.dtype]:
 def rmsprop_leaf_update(
     g: jax.Array,
     velocity: jax.Array,
-    average_gradient: Optional[jax.Array],
-    momentum_buffer: Optional[jax.Array],
+    average_gradient: jax.Array | None,
+    momentum_buffer: jax.Array | None,
     learning_rate: jax.Array,
-    bias_correction_denominator: Optional[jax.Array],
+    bias_correction_denominator: jax.Array | None,
     *,
     rho: Any,
     epsilon: Any,

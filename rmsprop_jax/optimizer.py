@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import alias, core, schedules
+from rmsprop_jax import _checks, alias, core, schedules
 from rmsprop_jax.transforms.accumulation import AccumulationState
 from rmsprop_jax.transforms.ema import EmaState
 from rmsprop_jax.utils import apply_updates
@@ -48,9 +49,7 @@ class RMSpropOptimizerState(NamedTuple):
     """State of :class:`RMSprop` (Keras' optimizer variables)."""
 
     iterations: chex.Array  # int32 scalar: calls so far (Keras' raw ``_iterations``)
-    learning_rate: Optional[
-        chex.Array
-    ]  # float32 scalar when the learning rate is a float (settable)
+    learning_rate: chex.Array | None  # float32 scalar when the learning rate is a float (settable)
     inner_state: optax.OptState  # state of ``rj.rmsprop(...)``
 
 
@@ -306,7 +305,7 @@ class RMSprop:
         return config
 
     @classmethod
-    def from_config(cls, config: dict, custom_objects: Optional[dict] = None) -> "RMSprop":
+    def from_config(cls, config: dict, custom_objects: dict | None = None) -> RMSprop:
         """Inverse of :meth:`get_config` (also accepts a Keras ``RMSprop`` config)."""
         config = dict(config)
         if isinstance(config.get("learning_rate"), dict):
@@ -344,12 +343,4 @@ def _serialize_learning_rate(value: Any) -> Any:
 
 
 def _find(opt_state: Any, cls: type) -> Any:
-    """The single instance of state class ``cls`` nested anywhere in ``opt_state``."""
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
-        if isinstance(s, cls)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected one {cls.__name__} in the optimizer state, found {len(found)}")
-    return found[0]
+    return _checks.find_state(opt_state, cls, "RMSprop")

@@ -17,7 +17,8 @@ Accepted forms:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -40,7 +41,7 @@ def _takes_no_arguments(fn: Callable) -> bool:
     return not required and not accepts_any
 
 
-def as_schedule(learning_rate: Any, name: str = "learning_rate") -> Optional[Schedule]:
+def as_schedule(learning_rate: Any, name: str = "learning_rate") -> Schedule | None:
     """Validates ``learning_rate``; returns a ``count -> lr`` schedule, or None for a constant."""
     if callable(learning_rate):
         if _takes_no_arguments(learning_rate):
@@ -50,7 +51,7 @@ def as_schedule(learning_rate: Any, name: str = "learning_rate") -> Optional[Sch
     return None
 
 
-def shifted(schedule: Optional[Schedule], steps: int) -> Optional[Schedule]:
+def shifted(schedule: Schedule | None, steps: int) -> Schedule | None:
     """``schedule`` for a transform called once every ``steps`` calls, read at micro-steps.
 
     Under Keras gradient accumulation the inner update runs on calls

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -21,8 +21,8 @@ class EmaState(NamedTuple):
 
 def ema(
     ema_momentum: float = 0.99,
-    ema_overwrite_frequency: Optional[int] = None,
-    gradient_accumulation_steps: Optional[int] = None,
+    ema_overwrite_frequency: int | None = None,
+    gradient_accumulation_steps: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Keras 3 exponential moving average of the weights, as the LAST transform of a chain.
 
@@ -119,14 +119,6 @@ def ema_params(opt_state: Any) -> Any:
     Raises:
       ValueError: when the state holds no EMA, or more than one.
     """
-    found = [
-        s.ema
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
-        if isinstance(s, EmaState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"ema_params: expected exactly one EMA state in opt_state, found {len(found)}"
-            + ("; build the optimizer with use_ema=True" if not found else "")
-        )
-    return found[0]
+    return _checks.find_state(
+        opt_state, EmaState, "ema_params", "; build the optimizer with use_ema=True"
+    ).ema

@@ -127,13 +127,6 @@ def loss_scale(opt_state: Any) -> jax.Array:
 
     Multiply the loss by it inside the jitted step, before ``jax.grad``.
     """
-    found = [
-        s.scale
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DynamicLossScaleState))
-        if isinstance(s, DynamicLossScaleState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"loss_scale: expected exactly one dynamic loss scale state, found {len(found)}"
-        )
-    return found[0]
+    return _checks.find_state(
+        opt_state, DynamicLossScaleState, "loss_scale", "; wrap the optimizer in dynamic_loss_scale"
+    ).scale

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
 
 import chex
 import jax
@@ -18,9 +19,8 @@ Exclusion = Union[None, str, Sequence[str], Any, Callable[[Any], Any]]
 class WeightDecayState(NamedTuple):
     """State of :func:`add_decoupled_weight_decay`."""
 
-    count: Optional[
-        chex.Array
-    ]  # int32 scalar, calls so far; only when the learning rate is a schedule
+    # int32 scalar, calls so far; only when the learning rate is a schedule.
+    count: chex.Array | None
 
 
 def compile_exclusion(exclude: Exclusion) -> Callable[[Any], Any]:
