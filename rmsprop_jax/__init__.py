@@ -1,6 +1,6 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import schedules, transforms
+from rmsprop_jax import presets, schedules, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
 from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
@@ -9,6 +9,7 @@ from rmsprop_jax.transforms import (
     add_decoupled_weight_decay,
     clip_by_global_norm,
     clip_by_norm,
+    clip_by_p_norm,
     clip_by_value,
     dynamic_loss_scale,
     ema,
@@ -29,6 +30,7 @@ __all__ = [
     "apply_updates",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_p_norm",
     "clip_by_value",
     "dynamic_loss_scale",
     "ema",
@@ -37,6 +39,7 @@ __all__ = [
     "rmsprop",
     "rmsprop_leaf_update",
     "scale_by_rmsprop",
+    "presets",
     "schedules",
     "transforms",
     "unscale_gradients",

@@ -4,6 +4,7 @@ from rmsprop_jax.transforms.accumulation import AccumulationState, accumulate_gr
 from rmsprop_jax.transforms.clipping import (
     clip_by_global_norm,
     clip_by_norm,
+    clip_by_p_norm,
     clip_by_value,
     global_norm,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "add_decoupled_weight_decay",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_p_norm",
     "clip_by_value",
     "dynamic_loss_scale",
     "ema",

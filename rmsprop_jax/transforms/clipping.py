@@ -111,3 +111,41 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTransformation:
+    r"""PyTorch / OneFlow ``clip_grad_norm_``: scale all gradients by ``min(1, c / (n + 1e-6))``.
+
+    ``n`` is the ``norm_type``-norm of the whole tree (the p-norm of the
+    per-leaf p-norms; ``norm_type=inf`` takes the largest absolute value), the
+    semantics of ``torch.nn.utils.clip_grad_norm_`` and of OneFlow's
+    ``clip_grad_max_norm`` / ``clip_grad_norm_type`` param-group options.
+
+    Args:
+      max_norm: positive bound ``c``.
+      norm_type: ``p`` > 0, or ``float("inf")``.
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax as rj
+      >>> rj.clip_by_p_norm(1.0, float("inf")).update(jnp.array([-4.0, 2.0]), None)[0]
+      Array([-0.99999976,  0.49999988], dtype=float32)
+    """
+    _checks.check_range("max_norm", max_norm, 0.0, low_open=True)
+    _checks.check_range("norm_type", norm_type, 0.0, low_open=True)
+    p = float(norm_type)
+
+    def leaf_norm(g):
+        x = jnp.abs(g.astype(jnp.promote_types(g.dtype, jnp.float32)))
+        return jnp.max(x) if p == float("inf") else jnp.sum(x**p) ** (1.0 / p)
+
+    def update_fn(updates, state, params=None):
+        del params
+        norms = [leaf_norm(g) for g in jax.tree.leaves(updates) if g is not None]
+        if not norms:
+            return updates, state
+        norms = jnp.stack(norms)
+        total = jnp.max(norms) if p == float("inf") else jnp.sum(norms**p) ** (1.0 / p)
+        scale = jnp.minimum(max_norm / (total + 1e-6), 1.0)
+        return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
