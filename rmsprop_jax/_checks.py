@@ -65,6 +65,11 @@ def is_static_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
 
+def params_required(transform: str) -> ValueError:
+    """The error raised when a transform that reads the parameters gets none."""
+    return ValueError(f"{transform} reads the parameters: call update(grads, state, params)")
+
+
 def _is_none(x: Any) -> bool:
     return x is None
 

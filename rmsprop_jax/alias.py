@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optax
 
 from rmsprop_jax import _checks, core, schedules, transforms
@@ -98,7 +99,17 @@ def rmsprop(
       Array([9.683772], dtype=float32)
     """
     clip_options = dict(clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm)
-    clips_set = [name for name, value in clip_options.items() if value]  # 0/None disable, as Keras
+    for name, value in {
+        **clip_options,
+        "weight_decay": weight_decay,
+        "loss_scale_factor": loss_scale_factor,
+    }.items():
+        if value is not None and not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"{name} must be a Python number or None, got {value!r}: it selects which "
+                "transforms the chain holds (with optax.inject_hyperparams, list it in static_args)"
+            )
+    clips_set = [name for name, value in clip_options.items() if value is not None]  # as Keras
     if len(clips_set) > 1:
         raise ValueError(
             "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set, got "

@@ -97,7 +97,7 @@ def _storage_dtype(dtype, accumulator_dtype, *, real: bool) -> jnp.dtype:
     return jnp.dtype(accumulator_dtype)
 
 
-def _abs_sq(x: jax.Array) -> jax.Array:
+def abs_sq(x: jax.Array) -> jax.Array:
     """|x|^2 in the real dtype (x*x for real x, re^2 + im^2 for complex x)."""
     if jnp.iscomplexobj(x):
         return jnp.square(x.real) + jnp.square(x.imag)
@@ -157,7 +157,7 @@ def rmsprop_leaf_update(
     if maximize:
         x = -x
     one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-    v = rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * _abs_sq(x)
+    v = rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x)
     variance = v
     a = None
     if centered:
@@ -168,7 +168,7 @@ def rmsprop_leaf_update(
     else:
         a_hat = a
     if centered:
-        variance = jnp.maximum(variance - _abs_sq(a_hat), 0)
+        variance = jnp.maximum(variance - abs_sq(a_hat), 0)
     if eps_in_sqrt:
         denominator = jnp.sqrt(variance + epsilon)
     else:

@@ -15,6 +15,7 @@ import optax
 from rmsprop_jax import _checks, alias, core, schedules
 from rmsprop_jax.transforms.accumulation import AccumulationState
 from rmsprop_jax.transforms.ema import EmaState
+from rmsprop_jax.transforms.weight_decay import WeightDecayState, compile_exclusion
 from rmsprop_jax.utils import apply_updates
 
 # Keras 3 ``RMSprop.get_config()`` keys, in Keras' order.
@@ -267,7 +268,33 @@ class RMSprop:
             raise ValueError(
                 "set_weights: the state shares arrays between variables; copy it first"
             )
-        return jax.tree.map(lambda x: replacement.get(id(x), x), opt_state)
+        return self._sync_counters(jax.tree.map(lambda x: replacement.get(id(x), x), opt_state))
+
+    def _sync_counters(self, opt_state):
+        """Derives every transform's private step counter from Keras' ``iteration``.
+
+        Keras saves one counter; the transforms each keep their own (the
+        accumulation phase, the EMA's first-step rule, schedules inside the
+        accumulation). Loading Keras variables must set them all, or a resumed
+        run would restart its accumulation cycle and schedules from zero.
+        """
+        calls = opt_state.iterations
+        updates_done = calls // self._steps
+        counted = (core.RMSpropState, WeightDecayState)
+
+        def inner(x):
+            if isinstance(x, counted) and x.count is not None:
+                return x._replace(count=updates_done.astype(x.count.dtype))
+            return x
+
+        def outer(x):
+            if isinstance(x, (AccumulationState, EmaState)):
+                return x._replace(count=calls.astype(x.count.dtype))
+            return x
+
+        state = jax.tree.map(inner, opt_state, is_leaf=lambda x: isinstance(x, counted))
+        outer_types = (AccumulationState, EmaState)
+        return jax.tree.map(outer, state, is_leaf=lambda x: isinstance(x, outer_types))
 
     def save_own_variables(self, opt_state, store: dict) -> None:
         """Keras ``save_own_variables``: ``store[str(i)]`` = i-th variable."""
@@ -287,9 +314,15 @@ class RMSprop:
         may be a bool pytree (True: excluded) or a callable ``params -> bool
         pytree`` (JAX has no variable objects to list).
         """
-        if var_list is not None and var_names:
-            raise ValueError("exclude_from_weight_decay: pass var_list or var_names, not both")
-        self._kwargs["exclude_from_weight_decay"] = var_list if var_list is not None else var_names
+        exclusion = var_list if var_list is not None else var_names
+        if var_list is not None and var_names:  # Keras excludes the union of both
+            by_list = compile_exclusion(var_list)
+            by_names = compile_exclusion(var_names)
+
+            def exclusion(params):  # True: excluded (compile_exclusion returns True: decayed)
+                return jax.tree.map(lambda a, b: not (a and b), by_list(params), by_names(params))
+
+        self._kwargs["exclude_from_weight_decay"] = exclusion
         self._build()
 
     def get_config(self) -> dict:

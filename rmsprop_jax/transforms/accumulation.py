@@ -75,7 +75,12 @@ def accumulate_gradients(
                 lambda: inner.update(updates, state.inner_state, params, **extra_args)
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), new_updates)  # None stays
-            sums = _map(lambda g, acc: acc + g, updates, state.accumulators, none=lambda acc: acc)
+            sums = _map(
+                lambda g, acc: (acc + g).astype(acc.dtype),
+                updates,
+                state.accumulators,
+                none=lambda acc: acc,
+            )
             return zeros, state.inner_state, sums
 
         new_updates, inner_state, accumulators = jax.lax.cond(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax.core import abs_sq
 
 
 def _tree_map(fn, tree):
@@ -36,16 +37,29 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
     """
     _checks.check_range("clipvalue", clipvalue, 0.0, low_open=True)
 
+    def clip(g):
+        if jnp.iscomplexobj(g):
+            raise TypeError(
+                "clip_by_value: clipping complex gradients by value is undefined; "
+                "use clip_by_norm or clip_by_global_norm"
+            )
+        return jnp.clip(g, -clipvalue, clipvalue)
+
     def update_fn(updates, state, params=None):
         del params
-        return _tree_map(lambda g: jnp.clip(g, -clipvalue, clipvalue), updates), state
+        return _tree_map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _square_sum(g: jax.Array) -> jax.Array:
+    """sum(|g|^2) in float32 at least (real for complex g)."""
+    return jnp.sum(abs_sq(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+
+
 def _keras_norm(g: jax.Array) -> jax.Array:
-    """sqrt(sum(g*g)) in float32 at least; 0 stays exactly 0 (Keras' two-tap where)."""
-    square_sum = jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+    """sqrt(sum(|g|^2)); 0 stays exactly 0 (Keras' two-tap where)."""
+    square_sum = _square_sum(g)
     return jnp.where(square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum)
 
 
@@ -80,9 +94,7 @@ def global_norm(tree) -> jax.Array:
     leaves = [g for g in jax.tree.leaves(tree) if g is not None]
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    return jnp.sqrt(
-        sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32)))) for g in leaves)
-    )
+    return jnp.sqrt(sum(_square_sum(g) for g in leaves))
 
 
 def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:

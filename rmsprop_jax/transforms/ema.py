@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsprop_jax import _checks
@@ -68,7 +69,7 @@ def ema(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise _checks.params_required("ema")
         iterations = state.count // steps
         k = jnp.where(iterations != 0, ema_momentum, 0.0)
         new_params = optax.apply_updates(params, _zeros_for_none(updates, params))
@@ -95,7 +96,7 @@ def check_positive_int(name: str, value: Any) -> None:
     """None, or an integer >= 1 (bools rejected)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")

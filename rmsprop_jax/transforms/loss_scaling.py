@@ -30,12 +30,21 @@ def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return jax.tree.map(
-            lambda g: None if g is None else g / loss_scale_factor,
+            lambda g: None if g is None else _divide(g, loss_scale_factor),
             updates,
             is_leaf=lambda x: x is None,
         ), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _divide(g: jax.Array, scale) -> jax.Array:
+    """``g / scale`` in float32 at least, back in ``g``'s dtype.
+
+    A scale of 2**16 or more is inf in float16, where ``g / scale`` in float16
+    would zero every gradient; Keras divides by its float32 scale variable.
+    """
+    return (g.astype(jnp.promote_types(g.dtype, jnp.float32)) / scale).astype(g.dtype)
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -95,7 +104,7 @@ def dynamic_loss_scale(
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])) if leaves else True
 
         def step(_):
-            unscaled = jax.tree.map(lambda g: g / state.scale.astype(g.dtype), updates)
+            unscaled = jax.tree.map(lambda g: _divide(g, state.scale), updates)
             new_updates, inner_state = inner.update(
                 unscaled, state.inner_state, params, **extra_args
             )

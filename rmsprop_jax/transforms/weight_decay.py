@@ -101,7 +101,7 @@ def add_decoupled_weight_decay(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise _checks.params_required("add_decoupled_weight_decay")
         lr = learning_rate if schedule is None else schedule(state.count)
         mask = decayed_mask(params)
 
