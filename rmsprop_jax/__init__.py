@@ -1,6 +1,7 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import presets, schedules, transforms
+from rmsprop_jax import porting, presets, schedules, transforms
+from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
 from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
@@ -39,6 +40,9 @@ __all__ = [
     "rmsprop",
     "rmsprop_leaf_update",
     "scale_by_rmsprop",
+    "label_leaves",
+    "param_groups",
+    "porting",
     "presets",
     "schedules",
     "transforms",

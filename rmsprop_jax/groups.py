@@ -1,0 +1,87 @@
+"""Parameter groups: different hyperparameters for different parts of the pytree.
+
+The JAX form of PyTorch / OneFlow ``param_groups``, built on
+``optax.partition``: each group is any transformation (a preset, ``rj.rmsprop``,
+a chain), and each leaf gets a group label by path regex or by a label pytree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from rmsprop_jax import _checks
+
+
+def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = None) -> Any:
+    """A label pytree for ``params``: the first regex in ``rules`` that ``re.search``-es a path wins.
+
+    Path names are ``"dense/bias"`` style (``keystr(simple=True, separator="/")``).
+    A leaf no rule matches gets ``default``; without a default it is an error
+    naming the leaf.
+    """
+    compiled = []
+    for pattern, label in rules.items():
+        try:
+            compiled.append((re.compile(pattern), label))
+        except re.error as err:
+            raise ValueError(f"param_groups: invalid regex {pattern!r}: {err}") from None
+
+    def label(path, _):
+        name = _checks.path_name(path)
+        for pattern, group in compiled:
+            if pattern.search(name):
+                return group
+        if default is None:
+            raise ValueError(
+                f"param_groups: no rule matches leaf {name!r}; rules: {list(rules)} "
+                "(pass default=... or add a catch-all rule such as '.*')"
+            )
+        return default
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def param_groups(
+    groups: Mapping[str, optax.GradientTransformation],
+    labels: Mapping[str, str] | Any | Callable[[Any], Any],
+    default: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Per-group transformations, like ``torch.optim.RMSprop([{...}, {...}])``.
+
+    Args:
+      groups: group label -> transformation, e.g.
+        ``{"decay": rj.presets.torch(lr=0.1, weight_decay=1e-4), "no_decay": rj.presets.torch(lr=0.1)}``.
+      labels: ``{regex: label}`` (first match on each leaf's path name wins), a
+        pytree of labels like params, or a callable ``params -> label pytree``.
+      default: the label of leaves no regex matches (regex form only).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
+      >>> tx = rj.param_groups(
+      ...     {"fast": rj.presets.torch(lr=0.1), "slow": rj.presets.torch(lr=0.001)},
+      ...     {"bias": "slow"}, default="fast")
+      >>> params = {"kernel": jnp.ones(2), "bias": jnp.ones(2)}
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> updates["kernel"][0] / updates["bias"][0]
+      Array(100., dtype=float32)
+    """
+    if (
+        isinstance(labels, Mapping)
+        and all(isinstance(k, str) for k in labels)
+        and all(isinstance(v, str) for v in labels.values())
+        and set(labels.values()) <= set(groups)
+    ):
+        rules = dict(labels)
+        label_fn = lambda params: label_leaves(params, rules, default)  # noqa: E731
+    else:
+        label_fn = labels
+    if default is not None and default not in groups:
+        raise ValueError(
+            f"param_groups: default {default!r} is not a group; groups: {list(groups)}"
+        )
+    return optax.with_extra_args_support(optax.partition(dict(groups), label_fn))
