@@ -24,7 +24,19 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=demo.run)
 
 
-_COMMANDS = (_add_demo,)
+def _add_conformance(subparsers: argparse._SubParsersAction) -> None:
+    from rmsprop_jax import conformance
+
+    parser = subparsers.add_parser(
+        "conformance",
+        help="run every installed peer (torch, optax, keras, ...) side by side with our presets",
+        description=conformance.__doc__.split("\n\n")[0],
+    )
+    conformance.add_arguments(parser)
+    parser.set_defaults(func=conformance.main)
+
+
+_COMMANDS = (_add_demo, _add_conformance)
 
 
 def build_parser() -> argparse.ArgumentParser:
