@@ -18,11 +18,14 @@ from rmsprop_jax.transforms import (
     loss_scale,
     unscale_gradients,
 )
+from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
 from rmsprop_jax.utils import apply_updates
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IndexedSlices",
+    "value_and_sparse_grad",
     "RMSprop",
     "RMSpropOptimizerState",
     "RMSpropState",

@@ -36,7 +36,19 @@ def _add_conformance(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=conformance.main)
 
 
-_COMMANDS = (_add_demo, _add_conformance)
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from rmsprop_jax import bench
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="time one optimizer step against optax, Keras, PyTorch and the memory floor",
+        description=bench.DESCRIPTION,
+    )
+    bench.add_arguments(parser)
+    parser.set_defaults(func=bench.main)
+
+
+_COMMANDS = (_add_demo, _add_conformance, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,10 @@ def params_required(transform: str) -> ValueError:
 
 
 def _is_none(x: Any) -> bool:
-    return x is None
+    """Leaves that must not be descended into: None (a missing gradient) and IndexedSlices."""
+    from rmsprop_jax.sparse import IndexedSlices  # noqa: PLC0415 - sparse imports nothing of ours
+
+    return x is None or isinstance(x, IndexedSlices)
 
 
 def flatten_with_none(tree: Any):
@@ -120,7 +123,7 @@ def check_inexact_leaves(tree: Any, what: str) -> None:
     for path, leaf in flatten_with_none(tree)[0]:
         if leaf is None:
             continue
-        dtype = jnp.result_type(leaf)
+        dtype = jnp.result_type(getattr(leaf, "values", leaf))
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"{what} leaf {path_name(path)!r} has dtype {dtype}; RMSprop needs "

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks, schedules
+from rmsprop_jax.sparse import IndexedSlices
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -194,6 +195,46 @@ def rmsprop_leaf_update(
     )
 
 
+def rmsprop_rows_update(
+    g: IndexedSlices,
+    velocity: jax.Array,
+    average_gradient: jax.Array | None,
+    momentum_buffer: jax.Array | None,
+    learning_rate: jax.Array,
+    bias_correction_denominator: jax.Array | None,
+    *,
+    decay_all_rows: bool = False,
+    **options: Any,
+):
+    """:func:`rmsprop_leaf_update` on the touched rows of a table (row-sparse gradient).
+
+    Duplicate rows are summed first. The touched rows of the slots are gathered,
+    updated by the one arithmetic function and scattered back; the update is an
+    :class:`~rmsprop_jax.IndexedSlices` over the same rows. With
+    ``decay_all_rows`` (TF 2.0, momentum 0) the moving averages of every row
+    first decay by ``rho``, as TF's sparse path scales the whole slot.
+    """
+    g = g.deduplicate()
+    rows = [
+        None if slot is None else g.gather(slot)
+        for slot in (velocity, average_gradient, momentum_buffer)
+    ]
+    update, *new_rows = rmsprop_leaf_update(
+        g.values, *rows, learning_rate, bias_correction_denominator, **options
+    )
+    slots = []
+    for position, (slot, new) in enumerate(
+        zip((velocity, average_gradient, momentum_buffer), new_rows)
+    ):
+        if slot is None:
+            slots.append(None)
+            continue
+        if decay_all_rows and position < 2:  # v and a decay everywhere; there is no momentum then
+            slot = (options["rho"] * slot).astype(slot.dtype)
+        slots.append(g.scatter(slot, new))
+    return (g.replace_values(update), *slots)
+
+
 def scale_by_rmsprop(
     learning_rate: ScalarOrSchedule = 0.001,
     rho: float = 0.9,
@@ -208,6 +249,7 @@ def scale_by_rmsprop(
     bias_correction: bool = False,
     maximize: bool = False,
     accumulator_dtype: Any = None,
+    sparse_mode: str = "lazy",
 ) -> optax.GradientTransformation:
     r"""RMSprop with every convention, learning rate and momentum included.
 
@@ -235,6 +277,11 @@ def scale_by_rmsprop(
         optax: ``initial_scale``).
       bias_correction: divide ``v`` (and ``a``) by ``1 - rho**(t+1)`` as optax.
       maximize: ascend the objective (PyTorch ``maximize``).
+      sparse_mode: how :class:`~rmsprop_jax.IndexedSlices` gradients update
+        the table: ``"lazy"`` (only the touched rows of the parameter and of
+        every slot change) or ``"tf2"`` (TF 2.0: with ``momentum == 0`` the
+        mean-square and mean-gradient slots of ALL rows decay by ``rho``;
+        with momentum it is lazy, as TF's sparse kernels).
       accumulator_dtype: None (the arithmetic dtype: float32 for float16,
         bfloat16 and float32 leaves; the real part's dtype for ``v`` of complex
         leaves), ``jnp.float32`` or ``jnp.bfloat16`` (storage only; arithmetic is
@@ -264,6 +311,9 @@ def scale_by_rmsprop(
     has_momentum = not _checks.is_static_zero(momentum)
     if nesterov and not has_momentum:
         raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    if sparse_mode not in ("lazy", "tf2"):
+        raise ValueError(f"sparse_mode must be 'lazy' or 'tf2', got {sparse_mode!r}")
+    decay_all_rows = sparse_mode == "tf2" and not has_momentum
     storage = canonical_accumulator_dtype(accumulator_dtype)
     keeps_count = schedule is not None or bias_correction
     leaf_options = dict(
@@ -310,6 +360,15 @@ def scale_by_rmsprop(
         def leaf(path, g, v, a, m):
             if g is None:
                 return None, v, a, m
+            if isinstance(g, IndexedSlices):
+                if g.dense_shape != v.shape:
+                    raise ValueError(
+                        f"grads leaf {_checks.path_name(path)!r} is an IndexedSlices of "
+                        f"dense_shape {g.dense_shape} but the parameter has shape {v.shape}"
+                    )
+                return rmsprop_rows_update(
+                    g, v, a, m, lr, bias_denominator, decay_all_rows=decay_all_rows, **leaf_options
+                )
             return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
 
         results, treedef = _checks.map_leaves(

@@ -130,6 +130,7 @@ def tf2(
             centered,
             momentum=momentum,
             eps_in_sqrt=not _checks.is_static_zero(momentum),
+            sparse_mode="tf2",
         )
     )
     return _optax.with_extra_args_support(alias._chain(pieces))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.ema import check_positive_int
 
 
@@ -65,22 +66,20 @@ def accumulate_gradients(
     def update_fn(updates, state, params=None, **extra_args):
         is_update_step = (state.count + 1) % steps == 0
 
+        # The running sum, touched rows only for row-sparse gradients; the
+        # inner transform always sees the dense mean (an update step is dense).
+        sums = _map(_add, updates, state.accumulators, none=lambda acc: acc)
+        mean = _map(lambda g, total: total / steps, updates, sums)  # None grads stay None
+
         def apply(_):
-            mean = _map(lambda g, acc: (g + acc) / steps, updates, state.accumulators)
             new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
             return new_updates, inner_state, jax.tree.map(jnp.zeros_like, state.accumulators)
 
         def accumulate(_):
-            new_updates, _ = jax.eval_shape(
-                lambda: inner.update(updates, state.inner_state, params, **extra_args)
+            shapes, _ = jax.eval_shape(
+                lambda: inner.update(mean, state.inner_state, params, **extra_args)
             )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), new_updates)  # None stays
-            sums = _map(
-                lambda g, acc: (acc + g).astype(acc.dtype),
-                updates,
-                state.accumulators,
-                none=lambda acc: acc,
-            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # None stays
             return zeros, state.inner_state, sums
 
         new_updates, inner_state, accumulators = jax.lax.cond(
@@ -95,11 +94,18 @@ def accumulate_gradients(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _add(g, acc):
+    """``acc + g`` in the accumulator's dtype; an IndexedSlices adds its rows only."""
+    if isinstance(g, IndexedSlices):
+        return g.add_to(acc)
+    return (acc + g).astype(acc.dtype)
+
+
 def _map(fn, grads, accumulators, none=lambda acc: None):
     """``fn(g, acc)`` per leaf; a None gradient gives ``none(acc)``."""
     return jax.tree.map(
         lambda g, acc: none(acc) if g is None else fn(g, acc),
         grads,
         accumulators,
-        is_leaf=lambda x: x is None,
+        is_leaf=lambda x: x is None or isinstance(x, IndexedSlices),
     )

@@ -18,10 +18,12 @@ import optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.core import abs_sq
+from rmsprop_jax.sparse import dense_parts, map_gradients
 
 
 def _tree_map(fn, tree):
-    return jax.tree.map(lambda g: None if g is None else fn(g), tree, is_leaf=lambda x: x is None)
+    """``fn`` per gradient; IndexedSlices are deduplicated first (norms of the dense gradient)."""
+    return map_gradients(fn, tree, deduplicate=True)
 
 
 def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
@@ -91,7 +93,7 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
 
 def global_norm(tree) -> jax.Array:
     """sqrt of the sum of squares of every leaf (None leaves skipped), float32 at least."""
-    leaves = [g for g in jax.tree.leaves(tree) if g is not None]
+    leaves = dense_parts(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
     return jnp.sqrt(sum(_square_sum(g) for g in leaves))
@@ -152,7 +154,7 @@ def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTra
 
     def update_fn(updates, state, params=None):
         del params
-        norms = [leaf_norm(g) for g in jax.tree.leaves(updates) if g is not None]
+        norms = [leaf_norm(g) for g in dense_parts(updates)]
         if not norms:
             return updates, state
         norms = jnp.stack(norms)

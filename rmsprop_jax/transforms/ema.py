@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax.sparse import IndexedSlices
 
 
 class EmaState(NamedTuple):
@@ -72,22 +73,30 @@ def ema(
             raise _checks.params_required("ema")
         iterations = state.count // steps
         k = jnp.where(iterations != 0, ema_momentum, 0.0)
-        new_params = optax.apply_updates(params, _zeros_for_none(updates, params))
-
-        def average(avg, w):
-            k_ = k.astype(w.dtype)
-            return k_ * avg + (1 - k_) * w
-
-        new_ema = jax.tree.map(average, state.ema, new_params)
+        overwrite = None
         if ema_overwrite_frequency is not None:
             overwrite = (iterations + 1) % ema_overwrite_frequency == 0
-            updates = jax.tree.map(
-                lambda u, avg, w: jnp.where(overwrite, (avg - w).astype(w.dtype), u),
-                _zeros_for_none(updates, params),
-                new_ema,
-                params,
-            )
-        return updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
+
+        def step(u, avg, w):
+            """New (update, average) of one leaf; row-sparse updates touch their rows only."""
+            if isinstance(u, IndexedSlices):
+                new_u, new_rows = step(u.values, u.gather(avg), u.gather(w))
+                return u.replace_values(new_u), u.scatter(avg, new_rows)
+            u = jnp.zeros_like(w) if u is None else u
+            new_w = optax.apply_updates(w, u)
+            k_ = k.astype(w.dtype)
+            new_avg = k_ * avg + (1 - k_) * new_w
+            if overwrite is not None:
+                u = jnp.where(overwrite, (new_avg - w).astype(u.dtype), u)
+            return u, new_avg
+
+        is_leaf = lambda x: x is None or isinstance(x, IndexedSlices)  # noqa: E731
+        pairs = jax.tree.map(step, updates, state.ema, params, is_leaf=is_leaf)
+        treedef = jax.tree.structure(updates, is_leaf=is_leaf)
+        new_updates, new_ema = (
+            treedef.unflatten(col) for col in zip(*treedef.flatten_up_to(pairs))
+        )
+        return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -100,15 +109,6 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-
-
-def _zeros_for_none(updates, params):
-    return jax.tree.map(
-        lambda u, p: jnp.zeros_like(p) if u is None else u,
-        updates,
-        params,
-        is_leaf=lambda x: x is None,
-    )
 
 
 def ema_params(opt_state: Any) -> Any:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.transforms.ema import check_positive_int
 
 
@@ -29,11 +30,7 @@ def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree.map(
-            lambda g: None if g is None else _divide(g, loss_scale_factor),
-            updates,
-            is_leaf=lambda x: x is None,
-        ), state
+        return map_gradients(lambda g: _divide(g, loss_scale_factor), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -100,11 +97,11 @@ def dynamic_loss_scale(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        leaves = [g for g in jax.tree.leaves(updates) if g is not None]
+        leaves = dense_parts(updates, deduplicate=False)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])) if leaves else True
 
         def step(_):
-            unscaled = jax.tree.map(lambda g: _divide(g, state.scale), updates)
+            unscaled = map_gradients(lambda g: _divide(g, state.scale), updates)
             new_updates, inner_state = inner.update(
                 unscaled, state.inner_state, params, **extra_args
             )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks, schedules
+from rmsprop_jax.sparse import IndexedSlices
 
 Exclusion = Union[None, str, Sequence[str], Any, Callable[[Any], Any]]
 
@@ -108,9 +109,17 @@ def add_decoupled_weight_decay(
         def decay(u, w, decayed):
             if u is None or not decayed:
                 return u
+            if isinstance(u, IndexedSlices):  # lazy: the touched rows only
+                return u.replace_values(decay(u.values, u.gather(w), decayed))
             return (u - (w * weight_decay * jnp.asarray(lr, w.dtype))).astype(u.dtype)
 
-        updates = jax.tree.map(decay, updates, params, mask, is_leaf=lambda x: x is None)
+        updates = jax.tree.map(
+            decay,
+            updates,
+            params,
+            mask,
+            is_leaf=lambda x: x is None or isinstance(x, IndexedSlices),
+        )
         count = None if schedule is None else optax.safe_increment(state.count)
         return updates, WeightDecayState(count=count)
 
