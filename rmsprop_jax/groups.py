@@ -57,7 +57,8 @@ def param_groups(
       groups: group label -> transformation, e.g.
         ``{"decay": rj.presets.torch(lr=0.1, weight_decay=1e-4), "no_decay": rj.presets.torch(lr=0.1)}``.
       labels: ``{regex: label}`` (first match on each leaf's path name wins), a
-        pytree of labels like params, or a callable ``params -> label pytree``.
+        pytree of labels like params (a flat dict with exactly the params' keys
+        is read as a label pytree), or a callable ``params -> label pytree``.
       default: the label of leaves no regex matches (regex form only).
 
     Example:
@@ -70,14 +71,15 @@ def param_groups(
       >>> updates["kernel"][0] / updates["bias"][0]
       Array(100., dtype=float32)
     """
-    if (
-        isinstance(labels, Mapping)
-        and all(isinstance(k, str) for k in labels)
-        and all(isinstance(v, str) for v in labels.values())
-        and set(labels.values()) <= set(groups)
-    ):
+    if isinstance(labels, Mapping) and all(isinstance(v, str) for v in labels.values()):
         rules = dict(labels)
-        label_fn = lambda params: label_leaves(params, rules, default)  # noqa: E731
+
+        def label_fn(params):
+            # A flat dict with exactly the params' keys is a label pytree, not regexes
+            # ({"w": ..., "w_bias": ...}: the regex "w" would also match "w_bias").
+            if jax.tree.structure(rules) == jax.tree.structure(params):
+                return rules
+            return label_leaves(params, rules, default)
     else:
         label_fn = labels
     if default is not None and default not in groups:

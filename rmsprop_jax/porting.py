@@ -81,8 +81,13 @@ def import_torch_state(
         for key, field in TORCH_SLOTS.items():
             ours = getattr(s, field)
             if ours is None:
-                if any(key in torch_state.get(i, {}) for i in index):
-                    raise ValueError(f"torch state has {key!r} but this config keeps no {field}")
+                mine = jax.tree_util.tree_leaves(s.velocity, is_leaf=_is_slot_leaf)
+                for leaf, i, path in zip(mine, index, paths):
+                    if not _is_slot_leaf(leaf) and key in torch_state.get(i, {}):
+                        raise ValueError(
+                            f"torch state of parameter {i} ({path!r}) has {key!r} but this "
+                            f"config keeps no {field}"
+                        )
                 continue
             leaves, treedef = jax.tree_util.tree_flatten(ours, is_leaf=_is_slot_leaf)
             new = []
@@ -122,7 +127,9 @@ def export_torch_state(
     Tensors are ``torch.Tensor`` when torch is installed, NumPy arrays otherwise.
     ``param_groups`` default to one group over every parameter; pass the
     target optimizer's ``state_dict()["param_groups"]`` to keep its
-    hyperparameters. ``step`` defaults to our count (when the config keeps one).
+    hyperparameters. ``step`` (torch's per-parameter step count, which its
+    RMSprop does not use in the math) defaults to our count where the config
+    keeps one (a schedule), else 0.
     """
     index = _leaf_index(params, order)
     states: dict[int, dict] = {}
@@ -138,17 +145,15 @@ def export_torch_state(
             for leaf, i in zip(leaves, index):
                 if not _is_slot_leaf(leaf):
                     states.setdefault(i, {})[key] = _to_tensor(np.asarray(leaf))
-        if s.count is not None and step is None:
-            for i in states:
-                states[i]["step"] = _to_tensor(np.asarray(s.count, np.float32))
+        count = s.count if s.count is not None and step is None else (step or 0)
+        for leaf, i in zip(jax.tree_util.tree_leaves(s.velocity, is_leaf=_is_slot_leaf), index):
+            if not _is_slot_leaf(leaf):
+                states[i]["step"] = _to_tensor(np.asarray(count, np.float32))
         return s
 
     _map_rmsprop_states(opt_state, collect)
     if not found:
         raise ValueError("export_torch_state: no RMSpropState in opt_state")
-    if step is not None:
-        for entry in states.values():
-            entry["step"] = _to_tensor(np.asarray(step, np.float32))
     if param_groups is None:
         param_groups = [{"params": sorted(states)}]
     return {"state": states, "param_groups": param_groups}

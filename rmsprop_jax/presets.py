@@ -31,8 +31,9 @@ from rmsprop_jax import _checks, alias, core, schedules, transforms
 __all__ = ["keras", "oneflow", "optax", "tf1", "tf2", "torch"]
 
 
-def _strict_kwargs(fn):
+def _strict_kwargs(fn, name: str | None = None):
     """Unknown keyword arguments raise TypeError naming the preset's valid names."""
+    name = name or fn.__name__
     names = [
         p.name
         for p in inspect.signature(fn).parameters.values()
@@ -44,7 +45,7 @@ def _strict_kwargs(fn):
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(
-                f"rj.presets.{fn.__name__}() got unknown argument(s) {unknown}; valid: {names}"
+                f"rj.presets.{name}() got unknown argument(s) {unknown}; valid: {names}"
             )
         return fn(*args, **kwargs)
 
@@ -61,8 +62,11 @@ def _float32_rounded(x: Any) -> Any:
     return float(np.float32(x)) if isinstance(x, (int, float)) else x
 
 
-#: Keras 3 ``keras.optimizers.RMSprop``: :func:`rmsprop_jax.rmsprop` itself.
-keras = alias.rmsprop
+keras = _strict_kwargs(alias.rmsprop, "keras")
+keras.__name__ = "keras"
+keras.__doc__ = (
+    "Keras 3 ``keras.optimizers.RMSprop``: :func:`rmsprop_jax.rmsprop` (same arguments)."
+)
 
 
 @_strict_kwargs
@@ -263,6 +267,8 @@ def oneflow(
     _checks.check_range("alpha", alpha, 0.0, 1.0, high_open=True)
     pieces = []
     if clip_grad_max_norm is not None:
+        _checks.check_range("clip_grad_max_norm", clip_grad_max_norm, 0.0, low_open=True)
+        _checks.check_range("clip_grad_norm_type", clip_grad_norm_type, 0.0, low_open=True)
         pieces.append(transforms.clip_by_p_norm(clip_grad_max_norm, clip_grad_norm_type))
     pieces += _coupled_l2_preamble(False, weight_decay)
     pieces.append(core.scale_by_rmsprop(lr, alpha, eps, centered))
@@ -296,13 +302,18 @@ def optax(
       >>> bool(ours.update(g, ours.init(p), p)[0] == theirs.update(g, theirs.init(p), p)[0])
       True
     """
+    _checks.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    _checks.check_range("eps", eps, 0.0)
+    _checks.check_range("initial_scale", initial_scale, 0.0)
+    if momentum is not None:
+        _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     return alias.rmsprop(
         learning_rate,
         decay,
         momentum or 0.0,
         eps,
         centered,
-        nesterov=nesterov,
+        nesterov=nesterov and not _checks.is_static_zero(momentum),  # optax: no trace, no nesterov
         eps_in_sqrt=eps_in_sqrt,
         initial_accumulator_value=initial_scale,
         bias_correction=bias_correction,
