@@ -1,4 +1,4 @@
-"""``python -m rmsprop_jax bench``: one optimizer step of rmsprop_jax against optax, Keras 3, PyTorch and the floor.
+"""``python -m rmsprop_jax bench``: one optimizer step against optax, Keras, PyTorch and the floor.
 
 Every case is a float32 parameter tree (``16M/160``: 16,000,000 parameters in
 160 equal leaves) and every config a Keras RMSprop feature set:
@@ -25,6 +25,21 @@ Contenders, all given the same parameters and gradients:
   the square root, torch's only form; for ``full`` ``clip_grad_norm_`` +
   ``_foreach_mul_`` decoupled decay + ``_foreach_lerp_`` EMA around it).
 
+The optional case ``sparse 1Mx64/4096`` (when ``rj.IndexedSlices`` exists)
+steps a 1,000,000 x 64 table with 4,096 looked-up ids (duplicates allowed):
+the dense floor and ``rj`` with a dense gradient, against ``floor-sparse``
+(gather / update / scatter of the pre-deduplicated rows) and ``rj-sparse``
+(``IndexedSlices`` gradient, ``rj.apply_updates`` scatter). Its "HLO B/param"
+is per table element and counts each scatter's whole operand (cost analysis
+does), so it overstates the sparse rows' traffic.
+
+The floor's bytes are the config's minimum (:data:`FLOOR_BYTES`); XLA:CPU
+does not fuse sibling outputs into one loop, so the compiled floor itself
+writes each state array in its own loop and re-reads the fresh ``v`` / ``a``
+/ ``m`` (its HLO moves 28 / 56 / 72 B/param): it is the best one program over
+one buffer can do on this backend, the yardstick for per-leaf and per-pass
+overheads. The steps cycle through two gradient sets (see :data:`GRAD_SETS`).
+
 Timing: one process, warm-up (compilation and a calibration run) excluded,
 the contenders interleaved within every repeat (rotating order), each
 measurement ``k`` back-to-back steps ended by ``block_until_ready`` (``k``
@@ -46,7 +61,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -69,6 +83,10 @@ SPARSE_SHAPE = (1_000_000, 64)
 SPARSE_IDS = 4096
 SPARSE_CONFIGS = ("plain", "centered+momentum")  # full: EMA and global norm are dense anyway
 QUICK_SHRINK = 16
+# The steps cycle through this many gradient sets: with one constant gradient the
+# centered variance v - a^2 decays geometrically into float32 denormals, which
+# PyTorch (no flush-to-zero, unlike XLA:CPU) then computes 100x slower.
+GRAD_SETS = 2
 
 LR, RHO, EPS, MOMENTUM, WD, CLIP, EMA = 1e-3, 0.9, 1e-7, 0.9, 0.01, 1.0, 0.99
 
@@ -95,13 +113,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
 FLOOR_BYTES: dict[str, tuple[int, str]] = {
     "plain": (20, "read p, g, v; write p, v"),
     "centered+momentum": (36, "read p, g, v, a, m; write p, v, a, m"),
-    "full": (48, "global-norm pass reads g (4), then read p, g, v, a, m, ema; write p, v, a, m, ema"),
+    "full": (
+        48,
+        "global-norm pass reads g (4), then read p, g, v, a, m, ema; write p, v, a, m, ema",
+    ),
 }
 
 CONTENDERS = ("floor", "rj", "rj-contiguous", "optax", "keras", "torch")
 TORCH_LABEL = {
     "plain": "torch.optim.RMSprop(foreach=True), CPU; eps outside sqrt",
-    "centered+momentum": "torch.optim.RMSprop(foreach=True, centered, momentum), CPU; eps outside sqrt",
+    "centered+momentum": (
+        "torch.optim.RMSprop(foreach=True, centered, momentum), CPU; eps outside sqrt"
+    ),
     "full": (
         "CPU: clip_grad_norm_(foreach) + _foreach_mul_ decoupled decay + "
         "RMSprop(foreach, centered, momentum) + _foreach_lerp_ EMA; eps outside sqrt"
@@ -121,11 +144,15 @@ def case_sizes(case: str, quick: bool) -> tuple[int, int, int]:
     return size * leaves, leaves, size
 
 
-def _host_data(leaves: int, size: int, seed: int) -> tuple[list, list]:
+def _host_data(leaves: int, size: int, seed: int) -> tuple[list, list[list]]:
+    """Parameters and GRAD_SETS gradient sets (the steps cycle through them)."""
     rng = np.random.default_rng(seed)
     params = [0.1 * rng.standard_normal(size, dtype=np.float32) for _ in range(leaves)]
-    grads = [rng.standard_normal(size, dtype=np.float32) for _ in range(leaves)]
-    return params, grads
+    grad_sets = [
+        [rng.standard_normal(size, dtype=np.float32) for _ in range(leaves)]
+        for _ in range(GRAD_SETS)
+    ]
+    return params, grad_sets
 
 
 # --------------------------------------------------------------------------- HLO
@@ -159,6 +186,14 @@ def _is_array(shape: str) -> bool:
     return any(dims for dims in re.findall(r"\w+\[([\d,]*)\]", shape))
 
 
+def _elements(shape: str) -> int:
+    """Elements of the largest array in an HLO shape."""
+    sizes = [
+        math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"\[([\d,]+)\]", shape)
+    ]
+    return max(sizes, default=1)
+
+
 def hlo_summary(text: str) -> dict[str, Any]:
     """Counts in an optimized HLO module's text.
 
@@ -171,6 +206,7 @@ def hlo_summary(text: str) -> dict[str, Any]:
     shapes: dict[str, str] = {}
     fusion_lines: list[tuple[str, str]] = []
     other: dict[str, int] = {}
+    largest_other = 0
     in_entry = False
     for line in text.splitlines():
         if line.startswith("ENTRY"):
@@ -188,6 +224,7 @@ def hlo_summary(text: str) -> dict[str, Any]:
             fusion_lines.append((shape, line))
         elif in_entry and op not in _TRIVIAL and _is_array(shape):
             other[op] = other.get(op, 0) + 1
+            largest_other = max(largest_other, _elements(shape))
     passes = 0
     for shape, line in fusion_lines:
         args = line.split(" fusion(", 1)[1].split("), kind=", 1)[0]
@@ -199,6 +236,7 @@ def hlo_summary(text: str) -> dict[str, Any]:
         passes=passes,
         other_ops=sum(other.values()),
         other_op_kinds=other,
+        other_op_max_elements=largest_other,
     )
 
 
@@ -259,15 +297,17 @@ class Contender:
         return time.perf_counter() - start
 
 
-def _jax_contender(name: str, label: str, fn: Callable, state: Any, batch: Any, **kw) -> Contender:
-    """``state = fn(state, batch)`` jitted with ``state`` donated."""
+def _jax_contender(
+    name: str, label: str, fn: Callable, state: Any, batches: list, **kw
+) -> Contender:
+    """``state = fn(state, batch)`` jitted with ``state`` donated, cycling through ``batches``."""
     import jax
 
     jitted = jax.jit(fn, donate_argnums=0)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lowered = jitted.lower(state, batch)
+        lowered = jitted.lower(state, batches[0])
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
     stats = compiled_stats(compiled)
@@ -276,10 +316,11 @@ def _jax_contender(name: str, label: str, fn: Callable, state: Any, batch: Any, 
     unused = [str(w.message) for w in caught if "donated" in str(w.message).lower()]
     if unused:
         stats["donation_warning"] = unused[0][:300]
-    holder = {"state": state}
+    holder = {"state": state, "i": 0}
 
     def step():
-        holder["state"] = compiled(holder["state"], batch)
+        holder["i"] = i = (holder["i"] + 1) % len(batches)
+        holder["state"] = compiled(holder["state"], batches[i])
 
     def sync():
         jax.block_until_ready(holder["state"])
@@ -294,12 +335,14 @@ def _floor_fn(config: str):
     full = config == "full"
 
     def fn(state, batch):
+        # The arithmetic in rj's order of operations (XLA:CPU times differ by a few
+        # percent between equivalent orderings of the same memory traffic).
         g, count = batch, state.get("count")
         if full:
             norm = jnp.sqrt(jnp.sum(g * g))
             g = g * (CLIP * jnp.minimum(1.0 / norm, 1.0 / CLIP) + (norm - norm))
         p, v = state["p"], state["v"]
-        v = RHO * v + (1 - RHO) * g * g
+        v = RHO * v + (1 - RHO) * (g * g)
         new = dict(state, v=v)
         if centered:
             a = RHO * state["a"] + (1 - RHO) * g
@@ -308,9 +351,10 @@ def _floor_fn(config: str):
             step, new["a"], new["m"] = m, a, m
         else:
             step = (LR * g) / jnp.sqrt(v + EPS)
+        update = -step
         if full:
-            p = p - p * (WD * LR)
-        p = p - step
+            update = update - p * (WD * LR)
+        p = p + update
         new["p"] = p
         if full:
             k = jnp.where(count == 0, 0.0, EMA)
@@ -334,11 +378,11 @@ def _floor_state(config: str, flat_p: np.ndarray) -> dict:
     return state
 
 
-def make_floor(config: str, host_params: list, host_grads: list) -> Contender:
+def make_floor(config: str, host_params: list, grad_sets: list) -> Contender:
     import jax.numpy as jnp
 
     flat_p = np.concatenate(host_params)
-    flat_g = jnp.asarray(np.concatenate(host_grads))
+    flat_g = [jnp.asarray(np.concatenate(grads)) for grads in grad_sets]
     per_param, what = FLOOR_BYTES[config]
     label = f"fused over one flat buffer, {per_param} B/param ({what})"
     return _jax_contender("floor", label, _floor_fn(config), _floor_state(config, flat_p), flat_g)
@@ -359,7 +403,9 @@ def _optax_step(tx, apply_updates):
     return fn
 
 
-def make_rj(config: str, host_params: list, host_grads: list, *, contiguous: bool = False) -> Contender:
+def make_rj(
+    config: str, host_params: list, grad_sets: list, *, contiguous: bool = False
+) -> Contender:
     import rmsprop_jax as rj
 
     tx = rj.rmsprop(**CONFIGS[config])
@@ -373,7 +419,8 @@ def make_rj(config: str, host_params: list, host_grads: list, *, contiguous: boo
         name, label = "rj-contiguous", "rj.contiguous(" + label.split(";")[0] + ")"
     params = _tree(host_params)
     state = (params, tx.init(params))
-    return _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, _tree(host_grads))
+    batches = [_tree(grads) for grads in grad_sets]
+    return _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
 
 
 def contiguous_api() -> Callable | None:
@@ -430,21 +477,23 @@ def optax_tx(config: str):
         optax.add_decayed_weights(-LR * WD),  # decoupled: w -= lr * wd * w
         _optax_param_ema(EMA),
     )
-    return tx, "chain(clip_by_global_norm, scale_by_stddev, lr, trace, add_decayed_weights(-lr*wd), ema)"
+    return (
+        tx,
+        "chain(clip_by_global_norm, scale_by_stddev, lr, trace, add_decayed_weights(-lr*wd), ema)",
+    )
 
 
-def make_optax(config: str, host_params: list, host_grads: list) -> Contender:
+def make_optax(config: str, host_params: list, grad_sets: list) -> Contender:
     import optax
 
     tx, label = optax_tx(config)
     params = _tree(host_params)
     state = (params, tx.init(params))
-    return _jax_contender(
-        "optax", label, _optax_step(tx, optax.apply_updates), state, _tree(host_grads)
-    )
+    batches = [_tree(grads) for grads in grad_sets]
+    return _jax_contender("optax", label, _optax_step(tx, optax.apply_updates), state, batches)
 
 
-def make_keras(config: str, host_params: list, host_grads: list) -> Contender:
+def make_keras(config: str, host_params: list, grad_sets: list) -> Contender:
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax.numpy as jnp
     import keras
@@ -455,24 +504,24 @@ def make_keras(config: str, host_params: list, host_grads: list) -> Contender:
     opt = keras.optimizers.RMSprop(**CONFIGS[config])
     opt.build(variables)
     state = ([v.value for v in variables], [v.value for v in opt.variables])
-    grads = [jnp.asarray(g) for g in host_grads]
+    batches = [[jnp.asarray(g) for g in grads] for grads in grad_sets]
 
     def fn(state, grads):
         trainable, opt_vars = state
         return opt.stateless_apply(opt_vars, grads, trainable)
 
     label = f"keras.optimizers.RMSprop(**{config}).stateless_apply, JAX backend"
-    contender = _jax_contender("keras", label, fn, state, grads)
+    contender = _jax_contender("keras", label, fn, state, batches)
     contender.stats["keep_alive"] = (variables, opt)  # dropped before JSON
     return contender
 
 
-def make_torch(config: str, host_params: list, host_grads: list) -> Contender:
+def make_torch(config: str, host_params: list, grad_sets: list) -> Contender:
     import torch
 
     params = [torch.tensor(x, requires_grad=True) for x in host_params]
-    for p, g in zip(params, host_grads):
-        p.grad = torch.tensor(g)
+    grads = [[torch.tensor(g) for g in gs] for gs in grad_sets]
+    counter = [0]
     full = config == "full"
     opt = torch.optim.RMSprop(
         params,
@@ -486,6 +535,9 @@ def make_torch(config: str, host_params: list, host_grads: list) -> Contender:
     ema = [p.detach().clone() for p in params] if full else None
 
     def step():
+        counter[0] = i = (counter[0] + 1) % len(grads)
+        for p, g in zip(params, grads[i]):  # as backward() would: ~0.2 us per leaf
+            p.grad = g
         if full:
             torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
             with torch.no_grad():
@@ -561,19 +613,25 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
     rng = np.random.default_rng(seed)
     table = 0.1 * rng.standard_normal((rows, width), dtype=np.float32)
     ids = rng.integers(0, rows, size=k).astype(np.int32)  # duplicates allowed, as real lookups
-    values = rng.standard_normal((k, width), dtype=np.float32)
-    dense = np.zeros((rows, width), np.float32)
-    np.add.at(dense, ids, values)
+    value_sets = [rng.standard_normal((k, width), dtype=np.float32) for _ in range(GRAD_SETS)]
+    unique_ids, inverse = np.unique(ids, return_inverse=True)
     n = rows * width
     contenders, notes = [], []
     per_param, what = FLOOR_BYTES[config]
+
+    def dense(values):
+        out = np.zeros((rows, width), np.float32)
+        np.add.at(out, ids, values)
+        return out
+
+    dense_sets = [jnp.asarray(dense(values)) for values in value_sets]
     contenders.append(
         _jax_contender(
             "floor",
             f"dense fused step over the {rows}x{width} table, {per_param} B/param ({what})",
             _floor_fn(config),
             _floor_state(config, table.reshape(-1)),
-            jnp.asarray(dense.reshape(-1)),
+            [g.reshape(-1) for g in dense_sets],
         )
     )
     tx = rj.rmsprop(**CONFIGS[config])
@@ -588,39 +646,44 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
             "rj.rmsprop, dense gradient of the table",
             _optax_step(tx, rj.apply_updates),
             rj_state(),
-            {"table": jnp.asarray(dense)},
+            [{"table": g} for g in dense_sets],
         )
     )
-    unique_ids = np.unique(ids)
-    summed = np.zeros((unique_ids.size, width), np.float32)
-    np.add.at(summed, np.searchsorted(unique_ids, ids), values)
-    fstate = _floor_state(config, table)  # 2-D table
+    summed_sets = []
+    for values in value_sets:
+        summed = np.zeros((unique_ids.size, width), np.float32)
+        np.add.at(summed, inverse.reshape(-1), values)
+        summed_sets.append((jnp.asarray(unique_ids), jnp.asarray(summed)))
     contenders.append(
         _jax_contender(
             "floor-sparse",
             f"gather/update/scatter of the {unique_ids.size} touched rows (ids pre-deduplicated)",
             _sparse_floor_fn(config),
-            fstate,
-            (jnp.asarray(unique_ids), jnp.asarray(summed)),
+            _floor_state(config, table),  # the 2-D table
+            summed_sets,
+            ratio_to="floor-sparse",
         )
     )
     if slices is None:
         notes.append("rj-sparse skipped: rmsprop_jax has no IndexedSlices yet")
     else:
         try:
-            grads = {"table": slices(jnp.asarray(ids), jnp.asarray(values), (rows, width))}
+            batches = [
+                {"table": slices(jnp.asarray(ids), jnp.asarray(values), (rows, width))}
+                for values in value_sets
+            ]
             c = _jax_contender(
                 "rj-sparse",
-                f"rj.rmsprop, IndexedSlices gradient ({k} ids, duplicates), rj.apply_updates scatter",
+                f"rj.rmsprop, IndexedSlices gradient ({k} ids, duplicates), "
+                "rj.apply_updates scatter",
                 _optax_step(tx, rj.apply_updates),
                 rj_state(),
-                grads,
+                batches,
                 ratio_to="floor-sparse",
             )
             contenders.append(c)
         except Exception as err:  # noqa: BLE001 - API in progress: skip with a note
             notes.append(f"rj-sparse skipped: {type(err).__name__}: {str(err)[:200]}")
-    contenders[2].ratio_to = "floor-sparse"
     return n, contenders, notes
 
 
@@ -689,7 +752,7 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
         failed = []
     else:
         n, leaves, size = case_sizes(case, quick)
-        host_params, host_grads = _host_data(leaves, size, seed)
+        host_params, grad_sets = _host_data(leaves, size, seed)
         contenders, failed = [], []
         makers = dict(
             floor=make_floor,
@@ -701,14 +764,14 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
         makers["rj-contiguous"] = lambda *a: make_rj(*a, contiguous=True)
         for name in CONTENDERS:
             try:
-                contenders.append(makers[name](config, host_params, host_grads))
+                contenders.append(makers[name](config, host_params, grad_sets))
             except _NotAvailable as err:
                 failed.append((name, "n/a", str(err)))
             except ImportError as err:
                 failed.append((name, "n/a", f"not installed: {err}"))
             except Exception as err:  # noqa: BLE001 - one broken contender must not stop the run
                 failed.append((name, "error", f"{type(err).__name__}: {str(err)[:300]}"))
-        del host_params, host_grads
+        del host_params, grad_sets
     measure(contenders, repeats, target_s)
     floor_ms = {
         c.name: statistics.median(c.times) * 1e3 for c in contenders if c.name.startswith("floor")
@@ -780,6 +843,7 @@ def format_table(rows: list[dict]) -> str:
         "config",
         "contender",
         "median ms",
+        "min ms",
         "x floor",
         "fusions",
         "passes",
@@ -801,6 +865,7 @@ def format_table(rows: list[dict]) -> str:
                 r["config"],
                 r["contender"],
                 _fmt(r.get("median_ms"), ".3f") if ok else r["status"],
+                _fmt(r.get("min_ms"), ".3f"),
                 ratio,
                 _fmt(r.get("fusions"), "d"),
                 _fmt(r.get("passes"), "d"),
@@ -811,7 +876,7 @@ def format_table(rows: list[dict]) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {1, 4, 5, 6, 7, 9, 10, 11}
+    right = {1, 4, 5, 6, 7, 8, 10, 11, 12}
     out = [
         "  ".join(
             cell.rjust(w) if i in right else cell.ljust(w)
@@ -869,6 +934,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="length of one measurement, steps back to back (default 150, quick 15)",
     )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the torch contender (default: torch's own choice; "
+        "1 avoids OpenMP stalls when other processes load the cores)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -880,8 +952,16 @@ def run(
     target_ms: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    torch_threads: int | None = None,
 ) -> tuple[dict, list[dict]]:
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    if torch_threads:
+        try:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        except ImportError:
+            pass
     repeats = repeats or (3 if quick else 7)
     target_s = (target_ms or (15.0 if quick else 150.0)) / 1e3
     env = environment()
@@ -956,6 +1036,7 @@ def main(args: argparse.Namespace) -> int:
         target_ms=args.target_ms,
         seed=args.seed,
         log=lambda s: print(s, flush=True),
+        torch_threads=args.torch_threads,
     )
     print(format_table(rows))
     print(

@@ -127,18 +127,21 @@ class IndexedSlices:
         return IndexedSlices(unique, summed, self.dense_shape, unique=True)
 
     def gather(self, table: jax.Array) -> jax.Array:
-        """The rows of ``table`` at ``indices`` (zeros for padding)."""
+        """The rows of ``table`` at ``indices`` (padding rows: zeros, or any row once deduplicated)."""
+        if self.unique:  # padding (index num_rows) clamps to the last row; its result is dropped
+            return table.at[self.indices].get(mode="clip", indices_are_sorted=True, unique_indices=True)
         return table.at[self.indices].get(mode="fill", fill_value=0)
 
     def scatter(self, table: jax.Array, rows: jax.Array) -> jax.Array:
         """``table`` with its rows at ``indices`` SET to ``rows`` (padding dropped; unique indices)."""
-        return table.at[self.indices].set(
-            rows.astype(table.dtype), mode="drop", unique_indices=self.unique
-        )
+        return table.at[self.indices].set(rows.astype(table.dtype), **self._scatter_flags())
 
     def add_to(self, table: jax.Array) -> jax.Array:
         """``table + dense(self)``, touching only the listed rows."""
-        return table.at[self.indices].add(self.values.astype(table.dtype), mode="drop")
+        return table.at[self.indices].add(self.values.astype(table.dtype), **self._scatter_flags())
+
+    def _scatter_flags(self) -> dict:
+        return dict(mode="drop", indices_are_sorted=self.unique, unique_indices=self.unique)
 
     def to_dense(self) -> jax.Array:
         """The dense gradient (table-sized: for tests and small tables)."""

@@ -1,0 +1,131 @@
+"""``python -m rmsprop_jax bench`` runs and its JSON has every row (no timed assertions)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rmsprop_jax import bench
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONTENDERS = ("floor", "rj", "optax", "keras", "torch")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "rows.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rmsprop_jax",
+            "bench",
+            "--quick",
+            "--cases",
+            "100K/200",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout, json.loads(path.read_text())
+
+
+def test_bench_rows_for_every_contender_and_config(quick_run):
+    stdout, data = quick_run
+    rows = data["rows"]
+    assert {r["case"] for r in rows} == {"100K/200"}
+    for config in bench.CONFIGS:
+        by_name = {r["contender"]: r for r in rows if r["config"] == config}
+        for name in CONTENDERS:
+            row = by_name[name]
+            assert row["status"] == "ok", row
+            assert row["median_ms"] > 0 and math.isfinite(row["median_ms"])
+            assert row["ratio"] > 0 and math.isfinite(row["ratio"]), row
+            assert len(row["times_ms"]) == 3  # --quick: 3 interleaved repeats
+        assert by_name["floor"]["ratio"] == 1.0
+        for name in ("floor", "rj", "optax", "keras"):  # the JAX contenders: compiled HLO stats
+            row = by_name[name]
+            assert isinstance(row["fusions"], int) and row["fusions"] >= 1, row
+            assert isinstance(row["passes"], int) and 1 <= row["passes"] <= row["fusions"]
+            assert row["bytes_accessed"] > 0
+            assert row["peak_bytes"] > 0 and row["temp_bytes"] >= 0
+        assert "fusions" not in by_name["torch"]
+        assert "rj-contiguous" in by_name  # a row either way: measured, or n/a until it exists
+        assert by_name["floor"]["floor_bytes_per_param"] == bench.FLOOR_BYTES[config][0]
+    assert data["environment"]["cpu_count"] >= 1 and data["environment"]["devices"]
+    assert "x floor" in stdout and "fusions" in stdout and "jax" in stdout
+
+
+def test_floor_fuses_to_the_minimum_on_one_buffer(quick_run):
+    """The floor's own HLO: one loop per state array written, plus one norm pass for full."""
+    rows = [r for r in quick_run[1]["rows"] if r["contender"] == "floor"]
+    passes = {r["config"]: r["passes"] for r in rows}
+    assert passes["plain"] <= 2 and passes["centered+momentum"] <= 4 and passes["full"] <= 6
+
+
+def test_hlo_summary_counts_fusions_passes_and_other_ops():
+    text = """HloModule m
+%fused_computation (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%p0)
+}
+ENTRY %main (a: f32[8], s: f32[]) -> (f32[8], f32[], f32[8]) {
+  %a = f32[8]{0} parameter(0)
+  %s = f32[] parameter(1)
+  %neg_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_computation
+  %reduce_fusion = f32[] fusion(%a), kind=kInput, calls=%fused_computation
+  %scalar_fusion = f32[] fusion(%s), kind=kLoop, calls=%fused_computation
+  %copy.1 = f32[8]{0} copy(%neg_fusion)
+  ROOT %t = (f32[8]{0}, f32[], f32[8]{0}) tuple(%neg_fusion, %reduce_fusion, %copy.1)
+}
+"""
+    summary = bench.hlo_summary(text)
+    assert summary["fusions"] == 3
+    assert summary["passes"] == 2  # the scalar-only fusion is no pass over memory
+    assert summary["other_ops"] == 1 and summary["other_op_kinds"] == {"copy": 1}
+    assert summary["other_op_max_elements"] == 8
+
+
+def test_case_filter():
+    assert bench._parse_filter("16M/1,100k/200,full") == ({"16M/1", "100K/200"}, {"full"})
+    assert bench._parse_filter(None) == (set(), set())
+    with pytest.raises(SystemExit):
+        bench._parse_filter("17M/3")
+    assert bench.case_sizes("16M/160", quick=False) == (16_000_000, 160, 100_000)
+    n, leaves, _ = bench.case_sizes("16M/160", quick=True)
+    assert leaves == 160 and n == 1_000_000
+
+
+def test_contiguous_contender_is_used_when_the_api_exists(monkeypatch):
+    """rj-contiguous is measured through whatever ``rj.contiguous(tx)`` returns."""
+    wrapped = []
+
+    def fake_contiguous(tx):
+        wrapped.append(tx)
+        return tx
+
+    monkeypatch.setattr(bench, "contiguous_api", lambda: fake_contiguous)
+    params, grad_sets = bench._host_data(leaves=3, size=8, seed=0)
+    contender = bench.make_rj("full", params, grad_sets, contiguous=True)
+    assert wrapped and contender.name == "rj-contiguous"
+    assert contender.run(3) > 0
+    assert isinstance(contender.stats["fusions"], int) and contender.stats["passes"] >= 1
+
+
+def test_contiguous_contender_missing_api_is_not_available(monkeypatch):
+    monkeypatch.setattr(bench, "contiguous_api", lambda: None)
+    params, grad_sets = bench._host_data(leaves=2, size=4, seed=0)
+    with pytest.raises(bench._NotAvailable):
+        bench.make_rj("plain", params, grad_sets, contiguous=True)
