@@ -1026,6 +1026,23 @@ def _loadavg() -> float | None:
         return None
 
 
+def sparse_speedups(rows: list[dict]) -> list[str]:
+    """One line per sparse config: the dense rj step's median over the sparse rj step's."""
+    lines = []
+    for config in dict.fromkeys(r["config"] for r in rows if r["case"].startswith("sparse")):
+        by = {
+            r["contender"]: r.get("median_ms")
+            for r in rows
+            if r["case"].startswith("sparse") and r["config"] == config
+        }
+        if by.get("rj") and by.get("rj-sparse"):
+            lines.append(
+                f"sparse speedup, {config}: dense rj step {by['rj']:.2f} ms / sparse rj step "
+                f"{by['rj-sparse']:.3f} ms = {by['rj'] / by['rj-sparse']:.0f}x"
+            )
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     cases, configs = _parse_filter(args.cases)
     env, rows = run(
@@ -1048,6 +1065,8 @@ def main(args: argparse.Namespace) -> int:
         "that read or write an array; HLO B/param: cost_analysis bytes accessed / params; "
         "peak MB: argument + output + temp - aliased (memory_analysis)"
     )
+    for line in sparse_speedups(rows):
+        print(line)
     for r in rows:
         if r.get("donation_warning"):
             print(f"donation: {r['case']} {r['config']} {r['contender']}: {r['donation_warning']}")
