@@ -7,6 +7,14 @@ cross-entropy), trained with :func:`rmsprop_jax.rmsprop` on minibatches.
 After every epoch it prints the mean training loss and the test accuracy,
 and at the end it writes a PNG of both curves.
 
+``--devices N`` trains data-parallel on ``N`` devices (``jax.jit`` with
+``NamedSharding``: each batch split over the devices, parameters and
+optimizer state replicated, the gradient all-reduced by XLA). On a CPU-only
+machine the ``N`` devices are simulated
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX
+starts; if JAX had already started, the demo reruns itself in a fresh
+process). The result equals the single-device run up to float32 rounding.
+
 The demo needs scikit-learn (for the bundled digits data, no download),
 matplotlib and tqdm.  They are imported only when the demo runs, so
 ``import rmsprop_jax`` does not need them; install them with
@@ -17,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 from typing import Any
@@ -31,6 +41,7 @@ __all__ = [
     "DEFAULT_EPOCHS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_OUTPUT",
+    "DemoDevicesError",
     "MissingDemoDependencyError",
     "add_arguments",
     "main",
@@ -50,6 +61,52 @@ _INSTALL_HINT = "pip install 'rmsprop_jax[demo]'"
 
 class MissingDemoDependencyError(ImportError):
     """Raised when scikit-learn, matplotlib or tqdm is not installed."""
+
+
+class DemoDevicesError(RuntimeError):
+    """Raised when ``devices`` asks for more devices than JAX has (and can no longer simulate)."""
+
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume started
+        return True
+
+
+def _data_parallel_devices(count: int) -> list:
+    """``count`` devices for the data-parallel demo, simulating CPU devices when JAX has not started.
+
+    XLA reads ``XLA_FLAGS`` once, when JAX's CPU backend starts (the first
+    ``jax.devices()`` or computation, not ``import jax``), so the flag is
+    added to the environment here when that has not happened yet.
+    """
+    if not _backends_initialized():
+        flags = os.environ.get("XLA_FLAGS", "")
+        current = re.search(rf"{_DEVICE_COUNT_FLAG}=(\d+)", flags)
+        if current is None or int(current.group(1)) < count:
+            flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", flags).strip()
+            os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+    devices = jax.devices()
+    if len(devices) < count:
+        cpus = jax.devices("cpu")
+        if len(cpus) < count:
+            have = f"{len(devices)} {devices[0].platform} device(s)"
+            if devices[0].platform != "cpu":
+                have += f" and {len(cpus)} CPU device(s)"
+            raise DemoDevicesError(
+                f"devices={count}: JAX has {have}, and it started before the demo could ask "
+                "for more; "
+                f"run in a fresh process, or set XLA_FLAGS={_DEVICE_COUNT_FLAG}={count} "
+                "before JAX starts"
+            )
+        devices = cpus
+    return devices[:count]
 
 
 def _require(module: str, package: str) -> Any:
@@ -131,10 +188,16 @@ def accuracy(params, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(forward(params, x), axis=-1) == y)
 
 
-def _make_optimizer(learning_rate: float) -> optax.GradientTransformation:
+#: ``--accumulator-dtype`` choices -> ``rj.rmsprop(accumulator_dtype=...)`` (float32: the default).
+ACCUMULATOR_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "int8": "int8"}
+
+
+def _make_optimizer(learning_rate: float, accumulator_dtype: Any = None) -> optax.GradientTransformation:
     import rmsprop_jax as rj
 
-    return rj.rmsprop(learning_rate=learning_rate)
+    if isinstance(accumulator_dtype, str) and accumulator_dtype in ACCUMULATOR_DTYPES:
+        accumulator_dtype = ACCUMULATOR_DTYPES[accumulator_dtype]
+    return rj.rmsprop(learning_rate=learning_rate, accumulator_dtype=accumulator_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -189,6 +252,8 @@ def train(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    devices: int | None = None,
+    accumulator_dtype: Any = None,
 ) -> dict[str, Any]:
     """Train the digits MLP with ``rmsprop_jax.rmsprop`` and plot the curves.
 
@@ -201,6 +266,14 @@ def train(
         last incomplete batch, so every step has the same shape and the
         train step compiles once.
       progress: show a tqdm progress bar on stderr.
+      devices: train data-parallel on this many devices (None: one device,
+        no sharding). The batch is split over them (``batch_size`` must be
+        divisible by ``devices``), parameters and optimizer state are
+        replicated; CPU devices are simulated when JAX has not started yet.
+      accumulator_dtype: storage of the RMSprop state, as
+        ``rj.rmsprop(accumulator_dtype=...)``: None or ``"float32"`` (the
+        default), ``"bfloat16"``, or ``"int8"`` (8-bit blockwise second
+        moment for the 64x128 kernel; see :mod:`rmsprop_jax.quantization`).
 
     Returns:
       ``{'train_loss': [...], 'test_accuracy': [...], 'png': path}`` with one
@@ -216,21 +289,32 @@ def train(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not np.isfinite(learning_rate) or learning_rate <= 0:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    if devices is not None:
+        devices = int(devices)
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
     output = os.fspath(output)
 
     # Fail early, before any training, if an extra is missing.
     tqdm = _require("tqdm", "tqdm").tqdm
     _require("matplotlib", "matplotlib")
+    # Before anything starts JAX's backend, so that CPU devices can still be simulated.
+    mesh_devices = None if devices is None else _data_parallel_devices(devices)
 
     x_train, y_train, x_test, y_test = load_data(seed)
     n_train = x_train.shape[0]
     batch_size = min(batch_size, n_train)
+    if devices is not None and batch_size % devices:
+        raise ValueError(
+            f"batch_size {batch_size} must be divisible by devices {devices} "
+            "(each device gets an equal share of every batch)"
+        )
     steps_per_epoch = n_train // batch_size
     x_test_d, y_test_d = jnp.asarray(x_test), jnp.asarray(y_test)
 
     key = jax.random.key(seed)
     params = init_params(key, (x_train.shape[1], HIDDEN_UNITS, 10))
-    tx = _make_optimizer(learning_rate)
+    tx = _make_optimizer(learning_rate, accumulator_dtype)
     opt_state = tx.init(params)
 
     def step(params, opt_state, x, y):
@@ -238,8 +322,30 @@ def train(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    # params and opt_state are consumed by each step, so let XLA reuse them.
-    train_step = jax.jit(step, donate_argnums=(0, 1))
+    if devices is None:
+        # params and opt_state are consumed by each step, so let XLA reuse them.
+        train_step = jax.jit(step, donate_argnums=(0, 1))
+    else:
+        from rmsprop_jax import sharding
+
+        mesh = sharding.data_mesh(devices=mesh_devices)
+        p_shard = sharding.replicated(params, mesh)
+        s_shard = sharding.state_sharding(tx, params, p_shard)
+        batch = sharding.batch_sharding(mesh)
+        params = jax.device_put(params, p_shard)
+        opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+        # The batch arrives split over the devices; XLA all-reduces the gradient.
+        train_step = jax.jit(
+            step,
+            in_shardings=(p_shard, s_shard, batch, batch),
+            out_shardings=(p_shard, s_shard, sharding.replicated(0.0, mesh)),
+            donate_argnums=(0, 1),
+        )
+        platform = mesh.devices.flat[0].platform
+        print(
+            f"data-parallel on {devices} {platform} devices: global batch {batch_size} = "
+            f"{devices} x {batch_size // devices} per device; params and optimizer state replicated"
+        )
 
     rng = np.random.default_rng(seed)
     train_loss: list[float] = []
@@ -346,6 +452,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"minibatch size (default: {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N devices (CPU devices are simulated when needed); "
+        "the batch size must be divisible by N (default: one device)",
+    )
+    parser.add_argument(
+        "--accumulator-dtype",
+        dest="accumulator_dtype",
+        choices=tuple(ACCUMULATOR_DTYPES),
+        default="float32",
+        help="storage of the optimizer state: float32, bfloat16, or int8 (8-bit blockwise "
+        "second moment, as bitsandbytes; float32 arithmetic in every case; default: float32)",
+    )
+    parser.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -356,6 +478,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments; returns a process exit status."""
+    devices = getattr(args, "devices", None)
+    if devices is not None and args.batch_size % devices:
+        print(
+            f"error: --batch-size {args.batch_size} must be divisible by --devices {devices}",
+            file=sys.stderr,
+        )
+        return 2
     start = time.perf_counter()
     try:
         result = train(
@@ -365,10 +494,17 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             progress=args.progress,
+            devices=devices,
+            accumulator_dtype=getattr(args, "accumulator_dtype", "float32"),
         )
     except MissingDemoDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except DemoDevicesError as exc:
+        if os.environ.get(_RERUN_MARKER):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return _rerun_with_devices(args)
     elapsed = time.perf_counter() - start
     n = len(result["train_loss"])
     print(
@@ -376,6 +512,31 @@ def run(args: argparse.Namespace) -> int:
         f"after {n} epoch{'s' if n != 1 else ''} in {elapsed:.1f} s"
     )
     return 0
+
+
+_RERUN_MARKER = "RMSPROP_JAX_DEMO_RERUN"
+
+
+def _rerun_with_devices(args: argparse.Namespace) -> int:
+    """JAX started before ``--devices`` could simulate the devices: rerun the demo in a fresh process."""
+    argv = [
+        "--epochs", str(args.epochs),
+        "--learning-rate", repr(args.learning_rate),
+        "--output", os.fspath(args.output),
+        "--seed", str(args.seed),
+        "--batch-size", str(args.batch_size),
+        "--devices", str(args.devices),
+        "--accumulator-dtype", getattr(args, "accumulator_dtype", "float32"),
+    ]  # fmt: skip
+    if not args.progress:
+        argv.append("--no-progress")
+    env = dict(os.environ)
+    env[_RERUN_MARKER] = "1"
+    flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={args.devices}".strip()
+    print(f"JAX already started: rerunning the demo in a new process with {args.devices} devices")
+    sys.stdout.flush()
+    return subprocess.call([sys.executable, "-m", "rmsprop_jax", "demo", *argv], env=env)
 
 
 DESCRIPTION = (

@@ -9,6 +9,17 @@ import optax
 from rmsprop_jax.sparse import IndexedSlices
 
 
+def zeros_like_shape(shape: jax.ShapeDtypeStruct) -> jax.Array:
+    """Zeros for an ``eval_shape`` result, keeping its sharding (and ``shard_map``'s varying axes).
+
+    Used for the "no update" branch of a ``lax.cond`` (accumulation, skipped
+    loss-scale steps), whose output type must equal the other branch's.
+    """
+    zeros = jnp.zeros(shape.shape, shape.dtype, out_sharding=getattr(shape, "sharding", None))
+    varying = getattr(getattr(shape, "manual_axis_type", None), "varying", None)
+    return jax.lax.pcast(zeros, tuple(varying), to="varying") if varying else zeros
+
+
 def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     """``optax.apply_updates`` that also accepts ``None`` and :class:`IndexedSlices` updates.
 

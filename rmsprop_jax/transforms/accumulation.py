@@ -11,6 +11,7 @@ import optax
 
 from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.ema import check_positive_int
+from rmsprop_jax.utils import zeros_like_shape
 
 
 class AccumulationState(NamedTuple):
@@ -79,7 +80,7 @@ def accumulate_gradients(
             shapes, _ = jax.eval_shape(
                 lambda: inner.update(mean, state.inner_state, params, **extra_args)
             )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # None stays
+            zeros = jax.tree.map(zeros_like_shape, shapes)  # None stays
             return zeros, state.inner_state, sums
 
         new_updates, inner_state, accumulators = jax.lax.cond(

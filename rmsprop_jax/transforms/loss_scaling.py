@@ -11,6 +11,7 @@ import optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.sparse import dense_parts, map_gradients
+from rmsprop_jax.utils import zeros_like_shape
 from rmsprop_jax.transforms.ema import check_positive_int
 
 
@@ -117,7 +118,7 @@ def dynamic_loss_scale(
             shapes, _ = jax.eval_shape(
                 lambda: inner.update(updates, state.inner_state, params, **extra_args)
             )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = jax.tree.map(zeros_like_shape, shapes)
             return zeros, state.inner_state, state.scale * 0.5, jnp.zeros([], jnp.int32)
 
         new_updates, inner_state, scale, counter = jax.lax.cond(finite, step, skip, None)
