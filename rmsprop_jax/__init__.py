@@ -1,6 +1,6 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import porting, presets, schedules, transforms
+from rmsprop_jax import porting, presets, schedules, sharding, transforms
 from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
@@ -20,6 +20,7 @@ from rmsprop_jax.transforms import (
 )
 from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
 from rmsprop_jax.utils import apply_updates
+from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "clip_by_norm",
     "clip_by_p_norm",
     "clip_by_value",
+    "contiguous",
     "dynamic_loss_scale",
     "ema",
     "ema_params",
@@ -48,6 +50,7 @@ __all__ = [
     "porting",
     "presets",
     "schedules",
+    "sharding",
     "transforms",
     "unscale_gradients",
 ]

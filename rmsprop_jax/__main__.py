@@ -48,7 +48,19 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=bench.main)
 
 
-_COMMANDS = (_add_demo, _add_conformance, _add_bench)
+def _add_parity(subparsers: argparse._SubParsersAction) -> None:
+    from rmsprop_jax import parity
+
+    parser = subparsers.add_parser(
+        "parity",
+        help="final training loss with float32, bfloat16 and int8 optimizer state",
+        description=parity.DESCRIPTION,
+    )
+    parity.add_arguments(parser)
+    parser.set_defaults(func=parity.main)
+
+
+_COMMANDS = (_add_demo, _add_conformance, _add_bench, _add_parity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ Numerics that other implementations get wrong, guaranteed here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
@@ -55,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, schedules
+from rmsprop_jax import _checks, quantization, schedules
 from rmsprop_jax.sparse import IndexedSlices
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -105,22 +106,19 @@ def abs_sq(x: jax.Array) -> jax.Array:
     return x * x
 
 
-def canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
-    """Validates ``accumulator_dtype`` and returns it as a dtype (or None)."""
+def canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | str | None:
+    """Validates ``accumulator_dtype`` and returns it as a dtype, ``"int8"`` or None."""
     if accumulator_dtype is None:
         return None
     if isinstance(accumulator_dtype, str) and accumulator_dtype == "int8":
-        raise NotImplementedError(
-            "accumulator_dtype='int8' (blockwise 8-bit state) is not implemented "
-            f"yet; supported: None, {', '.join(SUPPORTED_ACCUMULATOR_DTYPES)}"
-        )
+        return "int8"  # blockwise 8-bit velocity: rmsprop_jax.quantization
     try:
         dtype = jnp.dtype(accumulator_dtype)
     except TypeError:
         dtype = None
     if dtype is None or dtype.name not in SUPPORTED_ACCUMULATOR_DTYPES:
         raise ValueError(
-            f"accumulator_dtype must be one of None, jnp.float32, jnp.bfloat16, "
+            f"accumulator_dtype must be one of None, jnp.float32, jnp.bfloat16, 'int8', "
             f"got {accumulator_dtype!r}"
         )
     return dtype
@@ -285,7 +283,10 @@ def scale_by_rmsprop(
       accumulator_dtype: None (the arithmetic dtype: float32 for float16,
         bfloat16 and float32 leaves; the real part's dtype for ``v`` of complex
         leaves), ``jnp.float32`` or ``jnp.bfloat16`` (storage only; arithmetic is
-        float32).
+        float32), or ``"int8"``: ``v`` of leaves with >= 4096 elements stored
+        blockwise in 8 bits as bitsandbytes (about 1.016 bytes per element, see
+        :mod:`rmsprop_jax.quantization`); the other slots and smaller leaves keep
+        the arithmetic dtype.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`RMSpropState`.
@@ -315,6 +316,9 @@ def scale_by_rmsprop(
         raise ValueError(f"sparse_mode must be 'lazy' or 'tf2', got {sparse_mode!r}")
     decay_all_rows = sparse_mode == "tf2" and not has_momentum
     storage = canonical_accumulator_dtype(accumulator_dtype)
+    quantized = isinstance(storage, str)  # "int8": only the velocity of large leaves
+    if quantized:
+        storage = None
     keeps_count = schedule is not None or bias_correction
     leaf_options = dict(
         rho=rho,
@@ -328,13 +332,14 @@ def scale_by_rmsprop(
         guard_zero_denominator=_checks.is_static_zero(epsilon),
     )
 
-    def slots_like(params, fill, *, real):
+    def slots_like(params, fill, *, real, quantize=False):
         def make(p):
             if p is None:
                 return None
-            return jnp.full(
-                jnp.shape(p), fill, _storage_dtype(jnp.result_type(p), storage, real=real)
-            )
+            if quantize and quantization.is_quantized_size(math.prod(jnp.shape(p))):
+                return quantization.full(jnp.shape(p), fill)
+            # full_like keeps the param's sharding (FSDP / explicit meshes).
+            return jnp.full_like(p, fill, _storage_dtype(jnp.result_type(p), storage, real=real))
 
         return jax.tree.map(make, params, is_leaf=lambda x: x is None)
 
@@ -342,7 +347,7 @@ def scale_by_rmsprop(
         _checks.check_inexact_leaves(params, "params")
         return RMSpropState(
             count=jnp.zeros([], jnp.int32) if keeps_count else None,
-            velocity=slots_like(params, initial_accumulator_value, real=True),
+            velocity=slots_like(params, initial_accumulator_value, real=True, quantize=quantized),
             average_gradient=slots_like(params, 0, real=False) if centered else None,
             momentum=slots_like(params, 0, real=False) if has_momentum else None,
         )
@@ -350,7 +355,9 @@ def scale_by_rmsprop(
     def update_fn(updates, state, params=None):
         if params is not None:
             _checks.check_same_structure(updates, params, "params")
-        _checks.check_same_structure(updates, state.velocity, "the optimizer state")
+        _checks.check_same_structure(
+            updates, quantization.structure_view(state.velocity), "the optimizer state"
+        )
         _checks.check_inexact_leaves(updates, "grads")
         lr = schedule(state.count) if schedule is not None else learning_rate
         bias_denominator = None
@@ -360,6 +367,13 @@ def scale_by_rmsprop(
         def leaf(path, g, v, a, m):
             if g is None:
                 return None, v, a, m
+            if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
+                quantization.check_dense_gradient(g, _checks.path_name(path))
+                v = quantization.dequantize(v, jnp.shape(g))
+                update, v, a, m = rmsprop_leaf_update(
+                    g, v, a, m, lr, bias_denominator, **leaf_options
+                )
+                return update, quantization.quantize(v), a, m
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(

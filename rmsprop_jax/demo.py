@@ -192,7 +192,9 @@ def accuracy(params, x: jax.Array, y: jax.Array) -> jax.Array:
 ACCUMULATOR_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "int8": "int8"}
 
 
-def _make_optimizer(learning_rate: float, accumulator_dtype: Any = None) -> optax.GradientTransformation:
+def _make_optimizer(
+    learning_rate: float, accumulator_dtype: Any = None
+) -> optax.GradientTransformation:
     import rmsprop_jax as rj
 
     if isinstance(accumulator_dtype, str) and accumulator_dtype in ACCUMULATOR_DTYPES:

@@ -339,6 +339,8 @@ def test_rho_must_be_a_number():
         rj.rmsprop(rho="0.9")
 
 
-def test_int8_state_not_yet_available():
-    with pytest.raises(NotImplementedError, match="int8"):
-        rj.rmsprop(accumulator_dtype="int8")
+def test_int8_state_is_available():  # its behaviour: tests/test_quantization.py
+    from rmsprop_jax.quantization import QuantizedArray
+
+    state = rj.scale_by_rmsprop(accumulator_dtype="int8").init({"w": jnp.zeros((64, 64))})
+    assert isinstance(state.velocity["w"], QuantizedArray)
