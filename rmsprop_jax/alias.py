@@ -83,7 +83,8 @@ def rmsprop(
       initial_accumulator_value: start value of ``v`` (TF1 uses 1.0).
       bias_correction: optax's bias correction of the moving averages.
       maximize: gradient ascent (PyTorch).
-      accumulator_dtype: None, ``jnp.float32`` or ``jnp.bfloat16`` slot storage.
+      accumulator_dtype: None, ``jnp.float32`` or ``jnp.bfloat16`` slot storage,
+        or ``"int8"`` (blockwise 8-bit velocity for leaves of >= 4096 elements).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
