@@ -172,6 +172,14 @@ def tf1(
     )
 
 
+def _check_torch_style(lr: Any, alpha: float, eps: float, weight_decay: float) -> None:
+    """PyTorch / OneFlow argument checks, in their own names (a schedule ``lr`` is not checked)."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not callable(value):
+            _checks.check_range(name, value, 0.0)
+    _checks.check_range("alpha", alpha, 0.0, 1.0, high_open=True)
+
+
 def _coupled_l2_preamble(maximize: bool, weight_decay: float) -> list:
     """PyTorch / OneFlow gradient preamble: ``g = -g`` (maximize), then ``g += wd * w``."""
     pieces = []
@@ -210,10 +218,7 @@ def torch(
       >>> optax.apply_updates(p, tx.update(jnp.array([0.5]), s, p)[0])  # 1 - 0.01 * 0.5 / (0.05 + 1e-8)
       Array([0.90000004], dtype=float32)
     """
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if not callable(value):
-            _checks.check_range(name, value, 0.0)
-    _checks.check_range("alpha", alpha, 0.0, 1.0, high_open=True)
+    _check_torch_style(lr, alpha, eps, weight_decay)
     _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     core_tx = core.scale_by_rmsprop(
         lr,
@@ -261,10 +266,7 @@ def oneflow(
             f"momentum={momentum!r}: oneflow.optim.RMSprop does not support momentum; "
             "use rj.presets.torch(momentum=...) for RMSprop with momentum"
         )
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if not callable(value):
-            _checks.check_range(name, value, 0.0)
-    _checks.check_range("alpha", alpha, 0.0, 1.0, high_open=True)
+    _check_torch_style(lr, alpha, eps, weight_decay)
     pieces = []
     if clip_grad_max_norm is not None:
         _checks.check_range("clip_grad_max_norm", clip_grad_max_norm, 0.0, low_open=True)
