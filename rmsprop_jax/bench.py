@@ -16,6 +16,8 @@ Contenders, all given the same parameters and gradients:
 * ``rj``: ``rj.rmsprop(**config)``, ``tx.update`` and ``rj.apply_updates``
   in one jitted step with the parameters and the state donated;
 * ``rj-contiguous``: the same through ``rj.contiguous(tx)`` when it exists;
+* ``rj-contiguous-flat``: ``rj.contiguous(tx)`` on params kept flat by the user
+  (``rj.contiguous.flatten``), so the step never concatenates or splits;
 * ``optax``: the equivalent optax chain (``optax.rmsprop``; for ``full``
   ``clip_by_global_norm`` + ``scale_by_stddev`` + ``scale_by_learning_rate`` +
   ``trace`` + ``add_decayed_weights(-lr*wd)`` + a weight EMA by ``tree_map``);
@@ -119,7 +121,7 @@ FLOOR_BYTES: dict[str, tuple[int, str]] = {
     ),
 }
 
-CONTENDERS = ("floor", "rj", "rj-contiguous", "optax", "keras", "torch")
+CONTENDERS = ("floor", "rj", "rj-contiguous", "rj-contiguous-flat", "optax", "keras", "torch")
 TORCH_LABEL = {
     "plain": "torch.optim.RMSprop(foreach=True), CPU; eps outside sqrt",
     "centered+momentum": (
@@ -404,7 +406,7 @@ def _optax_step(tx, apply_updates):
 
 
 def make_rj(
-    config: str, host_params: list, grad_sets: list, *, contiguous: bool = False
+    config: str, host_params: list, grad_sets: list, *, contiguous: bool = False, flat: bool = False
 ) -> Contender:
     import rmsprop_jax as rj
 
@@ -418,8 +420,13 @@ def make_rj(
         tx = wrap(tx)
         name, label = "rj-contiguous", "rj.contiguous(" + label.split(";")[0] + ")"
     params = _tree(host_params)
-    state = (params, tx.init(params))
     batches = [_tree(grads) for grads in grad_sets]
+    if flat:  # the user keeps params (and so grads) as one buffer per dtype
+        flatten = importlib.import_module("rmsprop_jax.contiguous").flatten
+        params = flatten(params)[0]
+        batches = [flatten(grads)[0] for grads in batches]
+        name, label = "rj-contiguous-flat", label + " on rj.contiguous.flatten(params)"
+    state = (params, tx.init(params))
     return _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
 
 
@@ -762,6 +769,7 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
             torch=make_torch,
         )
         makers["rj-contiguous"] = lambda *a: make_rj(*a, contiguous=True)
+        makers["rj-contiguous-flat"] = lambda *a: make_rj(*a, contiguous=True, flat=True)
         for name in CONTENDERS:
             try:
                 contenders.append(makers[name](config, host_params, grad_sets))
