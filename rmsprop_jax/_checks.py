@@ -159,3 +159,13 @@ def find_state(opt_state: Any, cls: type, purpose: str, hint: str = "") -> Any:
             f"found {len(found)}" + (hint if not found else "")
         )
     return found[0]
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """None, or an integer >= 1 (bools rejected)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _checks, core, schedules, transforms
-from rmsprop_jax.transforms.ema import check_positive_int
 
 
 def rmsprop(
@@ -120,10 +119,10 @@ def rmsprop(
         _checks.check_range("weight_decay", weight_decay, 0.0)
     if loss_scale_factor is not None:
         _checks.check_range("loss_scale_factor", loss_scale_factor, 0.0, low_open=True)
-    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    _checks.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     if use_ema:
         _checks.check_range("ema_momentum", ema_momentum, 0.0, 1.0)
-        check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
+        _checks.check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
     steps = gradient_accumulation_steps or 1
     # Schedules are read at Keras' raw iteration count, also by the pieces that
     # only run on accumulation update steps.

@@ -129,7 +129,9 @@ class IndexedSlices:
     def gather(self, table: jax.Array) -> jax.Array:
         """The rows of ``table`` at ``indices`` (padding rows: zeros, or any row once deduplicated)."""
         if self.unique:  # padding (index num_rows) clamps to the last row; its result is dropped
-            return table.at[self.indices].get(mode="clip", indices_are_sorted=True, unique_indices=True)
+            return table.at[self.indices].get(
+                mode="clip", indices_are_sorted=True, unique_indices=True
+            )
         return table.at[self.indices].get(mode="fill", fill_value=0)
 
     def scatter(self, table: jax.Array, rows: jax.Array) -> jax.Array:

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _checks
+
 from rmsprop_jax.sparse import IndexedSlices
-from rmsprop_jax.transforms.ema import check_positive_int
 from rmsprop_jax.utils import zeros_like_shape
 
 
@@ -53,7 +54,7 @@ def accumulate_gradients(
       inner: the transformation applied on update steps.
       gradient_accumulation_steps: integer ``N >= 1`` (1 accumulates nothing).
     """
-    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    _checks.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     steps = gradient_accumulation_steps
     inner = optax.with_extra_args_support(inner)
 

@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rmsprop_jax import _checks
@@ -61,8 +60,8 @@ def ema(
       (Array([-1.], dtype=float32), Array([-0.5], dtype=float32))
     """
     _checks.check_range("ema_momentum", ema_momentum, 0.0, 1.0)
-    check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
-    check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+    _checks.check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency)
+    _checks.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     steps = gradient_accumulation_steps or 1
 
     def init_fn(params):
@@ -99,16 +98,6 @@ def ema(
         return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """None, or an integer >= 1 (bools rejected)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
 
 
 def ema_params(opt_state: Any) -> Any:

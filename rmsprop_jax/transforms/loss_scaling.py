@@ -12,7 +12,6 @@ import optax
 from rmsprop_jax import _checks
 from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.utils import zeros_like_shape
-from rmsprop_jax.transforms.ema import check_positive_int
 
 
 def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
@@ -87,7 +86,7 @@ def dynamic_loss_scale(
       (32768.0, Array([-0.3162], dtype=float32))
     """
     _checks.check_range("initial_scale", initial_scale, 0.0, low_open=True)
-    check_positive_int("dynamic_growth_steps", dynamic_growth_steps)
+    _checks.check_positive_int("dynamic_growth_steps", dynamic_growth_steps)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
