@@ -13,8 +13,15 @@ Contenders, all given the same parameters and gradients:
 * ``floor``: one jitted elementwise program over a single flat buffer that
   moves the minimal bytes of the config (see :data:`FLOOR_BYTES`): the
   yardstick every other time is divided by;
+* ``floor-per-leaf``: the floor's program applied to every leaf with its own
+  state (one global norm for ``full``): what any optimizer that keeps a state
+  per leaf compiles to at best, so ``rj`` / ``floor-per-leaf`` isolates the
+  optimizer's own overhead from the per-leaf kernel and argument costs;
 * ``rj``: ``rj.rmsprop(**config)``, ``tx.update`` and ``rj.apply_updates``
   in one jitted step with the parameters and the state donated;
+* ``rj-bf16`` / ``rj-int8``: the same with ``accumulator_dtype="bfloat16"`` /
+  ``"int8"`` (column ``state B/param``: the optimizer state's bytes per
+  parameter, from its arrays);
 * ``rj-contiguous``: the same through ``rj.contiguous(tx)`` when it exists;
 * ``rj-contiguous-flat``: ``rj.contiguous(tx)`` on params kept flat by the user
   (``rj.contiguous.flatten``), so the step never concatenates or splits;
@@ -121,7 +128,18 @@ FLOOR_BYTES: dict[str, tuple[int, str]] = {
     ),
 }
 
-CONTENDERS = ("floor", "rj", "rj-contiguous", "rj-contiguous-flat", "optax", "keras", "torch")
+CONTENDERS = (
+    "floor",
+    "floor-per-leaf",
+    "rj",
+    "rj-bf16",
+    "rj-int8",
+    "rj-contiguous",
+    "rj-contiguous-flat",
+    "optax",
+    "keras",
+    "torch",
+)
 TORCH_LABEL = {
     "plain": "torch.optim.RMSprop(foreach=True), CPU; eps outside sqrt",
     "centered+momentum": (
@@ -336,12 +354,13 @@ def _floor_fn(config: str):
     centered = config != "plain"
     full = config == "full"
 
-    def fn(state, batch):
+    def fn(state, batch, norm=None):
         # The arithmetic in rj's order of operations (XLA:CPU times differ by a few
         # percent between equivalent orderings of the same memory traffic).
         g, count = batch, state.get("count")
-        if full:
+        if full and norm is None:
             norm = jnp.sqrt(jnp.sum(g * g))
+        if full:
             g = g * (CLIP * jnp.minimum(1.0 / norm, 1.0 / CLIP) + (norm - norm))
         p, v = state["p"], state["v"]
         v = RHO * v + (1 - RHO) * (g * g)
@@ -390,6 +409,26 @@ def make_floor(config: str, host_params: list, grad_sets: list) -> Contender:
     return _jax_contender("floor", label, _floor_fn(config), _floor_state(config, flat_p), flat_g)
 
 
+def make_floor_per_leaf(config: str, host_params: list, grad_sets: list) -> Contender:
+    """The floor's program on every leaf (one global norm for ``full``): per-leaf state at best."""
+    import jax.numpy as jnp
+
+    if len(host_params) == 1:
+        raise _NotAvailable("one leaf: the floor itself")
+    fn = _floor_fn(config)
+
+    def step(states, grads):
+        norm = None
+        if config == "full":
+            norm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads))
+        return [fn(state, g, norm) for state, g in zip(states, grads)]
+
+    states = [_floor_state(config, p) for p in host_params]
+    batches = [[jnp.asarray(g) for g in grads] for grads in grad_sets]
+    label = "the floor's program on each leaf: the fewest kernels a per-leaf state compiles to"
+    return _jax_contender("floor-per-leaf", label, step, states, batches)
+
+
 def _tree(host: list) -> dict:
     import jax.numpy as jnp
 
@@ -406,13 +445,23 @@ def _optax_step(tx, apply_updates):
 
 
 def make_rj(
-    config: str, host_params: list, grad_sets: list, *, contiguous: bool = False, flat: bool = False
+    config: str,
+    host_params: list,
+    grad_sets: list,
+    *,
+    contiguous: bool = False,
+    flat: bool = False,
+    accumulator_dtype: str | None = None,
 ) -> Contender:
     import rmsprop_jax as rj
 
-    tx = rj.rmsprop(**CONFIGS[config])
+    extra = {} if accumulator_dtype is None else {"accumulator_dtype": accumulator_dtype}
+    tx = rj.rmsprop(**CONFIGS[config], **extra)
     label = f"rj.rmsprop(**{config}); apply_updates in the jitted step"
     name = "rj"
+    if accumulator_dtype is not None:
+        name = {"bfloat16": "rj-bf16", "int8": "rj-int8"}[accumulator_dtype]
+        label = f"rj.rmsprop(**{config}, accumulator_dtype={accumulator_dtype!r}); apply_updates"
     if contiguous:
         wrap = contiguous_api()
         if wrap is None:
@@ -427,7 +476,21 @@ def make_rj(
         batches = [flatten(grads)[0] for grads in batches]
         name, label = "rj-contiguous-flat", label + " on rj.contiguous.flatten(params)"
     state = (params, tx.init(params))
-    return _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
+    contender = _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
+    contender.stats["state_bytes_per_param"] = _state_bytes(state[1]) / _elements_of(params)
+    return contender
+
+
+def _state_bytes(tree: Any) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if x.ndim)
+
+
+def _elements_of(tree: Any) -> int:
+    import jax
+
+    return sum(x.size for x in jax.tree.leaves(tree))
 
 
 def contiguous_api() -> Callable | None:
@@ -768,6 +831,9 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
             keras=make_keras,
             torch=make_torch,
         )
+        makers["floor-per-leaf"] = make_floor_per_leaf
+        makers["rj-bf16"] = lambda *a: make_rj(*a, accumulator_dtype="bfloat16")
+        makers["rj-int8"] = lambda *a: make_rj(*a, accumulator_dtype="int8")
         makers["rj-contiguous"] = lambda *a: make_rj(*a, contiguous=True)
         makers["rj-contiguous-flat"] = lambda *a: make_rj(*a, contiguous=True, flat=True)
         for name in CONTENDERS:
@@ -857,6 +923,7 @@ def format_table(rows: list[dict]) -> str:
         "passes",
         "other ops",
         "HLO B/param",
+        "state B/param",
         "temp MB",
         "peak MB",
     )
@@ -879,12 +946,13 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r.get("passes"), "d"),
                 _other_ops(r),
                 _fmt(r.get("hlo_bytes_per_param"), ".1f"),
+                _fmt(r.get("state_bytes_per_param"), ".3f"),
                 _fmt(r["temp_bytes"] / 2**20 if "temp_bytes" in r else None, ".1f"),
                 _fmt(r["peak_bytes"] / 2**20 if "peak_bytes" in r else None, ".1f"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {1, 4, 5, 6, 7, 8, 10, 11, 12}
+    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13}
     out = [
         "  ".join(
             cell.rjust(w) if i in right else cell.ljust(w)

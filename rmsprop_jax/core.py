@@ -124,6 +124,14 @@ def canonical_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | str | Non
     return dtype
 
 
+def _as_stored(x: jax.Array, slot: jax.Array) -> jax.Array:
+    """``x`` rounded to the slot's storage dtype (still in ``x``'s dtype): the step reads the
+    slot as it will be stored, as Keras and PyTorch do with low-precision optimizer variables."""
+    if jnp.dtype(slot.dtype) == jnp.dtype(x.dtype):
+        return x
+    return x.astype(slot.dtype).astype(x.dtype)
+
+
 def rmsprop_leaf_update(
     g: jax.Array,
     velocity: jax.Array,
@@ -156,11 +164,13 @@ def rmsprop_leaf_update(
     if maximize:
         x = -x
     one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-    v = rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x)
+    v = _as_stored(
+        rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x), velocity
+    )
     variance = v
     a = None
     if centered:
-        a = rho * average_gradient.astype(x.dtype) + one_minus_rho * x
+        a = _as_stored(rho * average_gradient.astype(x.dtype) + one_minus_rho * x, average_gradient)
     if bias_correction_denominator is not None:
         variance = variance / bias_correction_denominator.astype(v.dtype)
         a_hat = None if a is None else a / bias_correction_denominator.astype(v.dtype)
@@ -180,7 +190,7 @@ def rmsprop_leaf_update(
         step = (learning_rate * x) / denominator
     else:
         added = (learning_rate * x) / denominator if lr_in_momentum else x / denominator
-        new_m = momentum * momentum_buffer.astype(x.dtype) + added
+        new_m = _as_stored(momentum * momentum_buffer.astype(x.dtype) + added, momentum_buffer)
         step = added + momentum * new_m if nesterov else new_m
         if not lr_in_momentum:
             step = learning_rate * step
@@ -282,8 +292,10 @@ def scale_by_rmsprop(
         with momentum it is lazy, as TF's sparse kernels).
       accumulator_dtype: None (the arithmetic dtype: float32 for float16,
         bfloat16 and float32 leaves; the real part's dtype for ``v`` of complex
-        leaves), ``jnp.float32`` or ``jnp.bfloat16`` (storage only; arithmetic is
-        float32), or ``"int8"``: ``v`` of leaves with >= 4096 elements stored
+        leaves), ``jnp.float32`` or ``jnp.bfloat16`` (arithmetic is float32;
+        each new slot is rounded to the storage dtype and the step reads it as
+        stored, as Keras and PyTorch do with bfloat16 optimizer variables, so
+        the step moves 2 bytes per slot and needs no copy), or ``"int8"``: ``v`` of leaves with >= 4096 elements stored
         blockwise in 8 bits as bitsandbytes (about 1.016 bytes per element, see
         :mod:`rmsprop_jax.quantization`); the other slots and smaller leaves keep
         the arithmetic dtype.

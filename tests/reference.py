@@ -114,6 +114,15 @@ def _div(x: np.ndarray, den: np.ndarray) -> np.ndarray:
     return x / den
 
 
+def _store(x, slot_dtype):
+    """``x`` rounded to ``slot_dtype`` (complex: each part), back in x's float64 dtype."""
+    if slot_dtype is None:
+        return x
+    if np.iscomplexobj(x):
+        return _store(x.real, slot_dtype) + 1j * _store(x.imag, slot_dtype)
+    return np.asarray(x).astype(slot_dtype).astype(np.float64)
+
+
 def reference_rmsprop(
     params,
     grads_seq,
@@ -129,6 +138,7 @@ def reference_rmsprop(
     nesterov: bool = False,
     lr_in_momentum: bool = True,
     maximize: bool = False,
+    slot_dtype=None,
 ):
     """Run RMSprop on one array for ``len(grads_seq)`` steps, in float64.
 
@@ -151,6 +161,9 @@ def reference_rmsprop(
       lr_in_momentum: learning rate inside the buffer (Keras/TF/optax) or
         applied after it (PyTorch).
       maximize: ascend instead of descend (negates the gradient).
+      slot_dtype: a real storage dtype for the slots (e.g. ``ml_dtypes.bfloat16``):
+        each new ``v``, ``a``, ``m`` is rounded to it as soon as it is computed
+        and the step uses the rounded value. None: no rounding.
 
     Returns:
       ``(trajectory, state)``: ``trajectory`` is a list with the parameters
@@ -173,9 +186,7 @@ def reference_rmsprop(
     epsilon = float(epsilon)
     momentum = float(momentum)
 
-    v = np.broadcast_to(
-        np.asarray(initial_accumulator_value, dtype=np.float64), w.shape
-    ).copy()
+    v = np.broadcast_to(np.asarray(initial_accumulator_value, dtype=np.float64), w.shape).copy()
     a = np.zeros(w.shape, dtype) if centered else None
     m = np.zeros(w.shape, dtype) if momentum > 0 else None
 
@@ -191,9 +202,9 @@ def reference_rmsprop(
             g = -g
 
         # Moving averages.
-        v = rho * v + (1.0 - rho) * _abs_sq(g)
+        v = _store(rho * v + (1.0 - rho) * _abs_sq(g), slot_dtype)
         if centered:
-            a = rho * a + (1.0 - rho) * g
+            a = _store(rho * a + (1.0 - rho) * g, slot_dtype)
 
         # Bias correction.
         if bias_correction:
@@ -225,11 +236,11 @@ def reference_rmsprop(
             w = w - lr * _div(g, den)
         elif lr_in_momentum:
             s = _div(lr * g, den)
-            m = momentum * m + s
+            m = _store(momentum * m + s, slot_dtype)
             w = w - ((s + momentum * m) if nesterov else m)
         else:
             s = _div(g, den)
-            m = momentum * m + s
+            m = _store(momentum * m + s, slot_dtype)
             w = w - lr * ((s + momentum * m) if nesterov else m)
 
         trajectory.append(np.array(w, dtype=dtype, copy=True))
@@ -286,9 +297,7 @@ def ulp_distance(a, b, dtype=None) -> np.ndarray:
     if np.iscomplexobj(a) or np.iscomplexobj(b):
         a = a.astype(np.complex128)
         b = b.astype(np.complex128)
-        return np.maximum(
-            ulp_distance(a.real, b.real, dtype), ulp_distance(a.imag, b.imag, dtype)
-        )
+        return np.maximum(ulp_distance(a.real, b.real, dtype), ulp_distance(a.imag, b.imag, dtype))
     if a.dtype.kind not in "fc":
         a = a.astype(np.float64)
     if b.dtype.kind not in "fc":

@@ -12,7 +12,7 @@ import pytest
 from rmsprop_jax import bench
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONTENDERS = ("floor", "rj", "optax", "keras", "torch")
+CONTENDERS = ("floor", "floor-per-leaf", "rj", "rj-bf16", "rj-int8", "optax", "keras", "torch")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,27 @@ def test_bench_rows_for_every_contender_and_config(quick_run):
         assert by_name["floor"]["floor_bytes_per_param"] == bench.FLOOR_BYTES[config][0]
     assert data["environment"]["cpu_count"] >= 1 and data["environment"]["devices"]
     assert "x floor" in stdout and "fusions" in stdout and "jax" in stdout
+
+
+def test_state_bytes_and_per_leaf_floor(quick_run):
+    """State bytes per parameter come from the state's arrays; the per-leaf floor compiles to the
+    floor's kernels once per leaf, and rj to no more than that."""
+    rows = quick_run[1]["rows"]
+    per_slot = {"plain": 1, "centered+momentum": 3, "full": 4}  # v; v, a, m; v, a, m, ema
+    for config, slots in per_slot.items():
+        by_name = {r["contender"]: r for r in rows if r["config"] == config}
+        assert by_name["rj"]["state_bytes_per_param"] == pytest.approx(4.0 * slots)
+        assert by_name["rj-bf16"]["state_bytes_per_param"] == pytest.approx(
+            2.0 * slots + 2.0 * (config == "full")  # the weight EMA keeps the params' float32
+        )
+        # --quick leaves have 31 elements: under 4096, so int8 keeps float32 state (as bnb)
+        assert by_name["rj-int8"]["state_bytes_per_param"] == pytest.approx(4.0 * slots)
+        leaves = by_name["rj"]["leaves"]
+        assert by_name["floor-per-leaf"]["passes"] == leaves * by_name["floor"]["passes"] or (
+            config == "full"  # global norm: one reduction per leaf plus the sum
+        )
+        assert by_name["rj"]["passes"] <= by_name["floor-per-leaf"]["passes"]
+        assert by_name["rj-bf16"]["other_ops"] == 0  # no copies: the step reads v as stored
 
 
 def test_floor_fuses_to_the_minimum_on_one_buffer(quick_run):

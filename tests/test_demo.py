@@ -20,7 +20,9 @@ from rmsprop_jax import demo  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # One line per epoch: "epoch  N  loss  X.XXXX  test acc  YY.YY%".
-EPOCH_LINE = re.compile(r"^epoch +(\d+) +loss +\d+\.\d{4} +test acc +\d{1,3}\.\d{2}%$", re.MULTILINE)
+EPOCH_LINE = re.compile(
+    r"^epoch +(\d+) +loss +\d+\.\d{4} +test acc +\d{1,3}\.\d{2}%$", re.MULTILINE
+)
 
 
 def _assert_png(path: Path) -> None:
@@ -101,7 +103,12 @@ def test_importing_the_package_does_not_need_demo_extras(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -109,7 +116,14 @@ def test_importing_the_package_does_not_need_demo_extras(tmp_path):
 def test_cli_help_and_short_run(tmp_path):
     help_proc = _run_cli("demo", "--help", cwd=tmp_path)
     assert help_proc.returncode == 0, help_proc.stderr
-    for flag in ("--epochs", "--learning-rate", "--output", "--seed", "--batch-size", "--no-progress"):
+    for flag in (
+        "--epochs",
+        "--learning-rate",
+        "--output",
+        "--seed",
+        "--batch-size",
+        "--no-progress",
+    ):
         assert flag in help_proc.stdout, f"{flag} missing from --help"
 
     out = tmp_path / "short.png"

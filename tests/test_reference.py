@@ -509,8 +509,10 @@ def test_matches_optax_float64_subprocess():
     result = json.loads(proc.stdout)
     for name, (case, w0, grads) in problems.items():
         got = np.stack(
-            [np.asarray(re) + (1j * np.asarray(im) if np.iscomplexobj(w0) else 0)
-             for re, im in result[name]]
+            [
+                np.asarray(re) + (1j * np.asarray(im) if np.iscomplexobj(w0) else 0)
+                for re, im in result[name]
+            ]
         )
         ref = np.stack(_reference_for(case, w0, grads))
         assert_close(got, ref, rtol=1e-12, atol=1e-14, err_msg=name)
