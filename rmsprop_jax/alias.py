@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, core, schedules, transforms
+from rmsprop_jax import _checks, _flat_rules, core, schedules, transforms
 
 
 def rmsprop(
@@ -168,9 +168,9 @@ def rmsprop(
     pieces.append(update if steps == 1 else transforms.accumulate_gradients(update, steps))
     if use_ema:
         pieces.append(transforms.ema(ema_momentum, ema_overwrite_frequency, steps))
-    return optax.with_extra_args_support(_chain(pieces))
+    return _flat_rules.with_extra_args(_chain(pieces))
 
 
 def _chain(pieces):
     """``optax.chain`` without a wrapper (and its nested state) around a single piece."""
-    return pieces[0] if len(pieces) == 1 else optax.chain(*pieces)
+    return pieces[0] if len(pieces) == 1 else _flat_rules.chain(*pieces)

@@ -116,7 +116,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, transforms
+from rmsprop_jax import _checks, _flat_rules, transforms
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import IndexedSlices
 
@@ -576,14 +576,6 @@ class _Plan(NamedTuple):
     foreign: tuple  # names of trusted transforms that are not rmsprop_jax's (None grads rejected)
 
 
-# Transforms whose update treats every element alike or reduces over the whole
-# tree, and maps None gradients to None: usable as they are over flat buffers.
-_RJ_FLAT_SAFE = {
-    ("rmsprop_jax.transforms.loss_scaling", "unscale_gradients"),
-    ("rmsprop_jax.transforms.clipping", "clip_by_value"),
-    ("rmsprop_jax.transforms.clipping", "clip_by_global_norm"),
-    ("rmsprop_jax.transforms.clipping", "clip_by_p_norm"),
-}
 # optax's elementwise transforms (None gradients are rejected with them).
 _OPTAX_FLAT_SAFE = {
     "scale_by_rms",
@@ -599,24 +591,29 @@ _OPTAX_FLAT_SAFE = {
 }
 
 
-def _identify(tx) -> tuple[str, str, dict]:
+def _identify(tx) -> tuple[str, str]:
+    """(module, factory name) of the function ``tx.update``."""
     update = getattr(tx, "update", None)
     module = getattr(update, "__module__", "") or ""
     qualname = getattr(update, "__qualname__", "") or ""
+    return module, qualname.split(".<locals>")[0]
+
+
+def _closure(fn) -> dict:
     try:
-        nonlocals = inspect.getclosurevars(update).nonlocals if inspect.isfunction(update) else {}
+        return inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
     except (TypeError, ValueError):
-        nonlocals = {}
-    return module, qualname.split(".<locals>")[0], nonlocals
+        return {}
 
 
-#: Attribute a transform's ``update`` function may carry to tell ``rj.contiguous``
-#: how it behaves over flat buffers (checked before the built-in recognition):
-#: ``"elementwise"`` (elementwise or reducing only over the whole tree, a None
-#: gradient staying None: used as is, fed zeros where a gradient is None), or a
-#: callable ``rule(tx, flat) -> GradientTransformation`` returning the flat
-#: version (``flat(inner)`` converts a wrapped transform).
-RULE_ATTRIBUTE = "rj_contiguous"
+#: Attribute of a transform's ``update`` function telling ``rj.contiguous`` how it
+#: behaves over flat buffers (every rmsprop_jax factory sets it; see
+#: ``rmsprop_jax._flat_rules``). Users may set ``"elementwise"`` (elementwise or
+#: reducing only over the whole tree, a None gradient staying None: used as is,
+#: fed zeros where a gradient is None), or a callable ``rule(tx, flat) ->
+#: GradientTransformation`` returning the flat version (``flat(inner)``
+#: converts a wrapped transform).
+RULE_ATTRIBUTE = _flat_rules.RULE_ATTRIBUTE
 
 
 class _UnknownVersion(NotImplementedError):
@@ -638,51 +635,51 @@ def _plan(tx, assume_elementwise: bool) -> _Plan:
     decay_masks: list = []
     foreign: list = []
 
+    def flat_version(tx, factory: str, arguments: dict):
+        """The flat version of a transform an rmsprop_jax factory built from ``arguments``."""
+        if factory == "chain":
+            return optax.chain(*(visit(piece) for piece in arguments["pieces"]))
+        if factory == "with_extra_args_support":
+            return optax.with_extra_args_support(visit(arguments["inner"]))
+        if factory == "scale_by_rmsprop":
+            return _flat_rmsprop(tx)
+        if factory == "ema":
+            return _flat_ema(tx)
+        if factory == "clip_by_norm":
+            return _flat_clip_by_norm(arguments["clipnorm"])
+        if factory == "add_decoupled_weight_decay":
+            decay_masks.append(arguments["decayed_mask"])
+            return _flat_weight_decay(**arguments)
+        # The wrappers: the mean of a leaf without a gradient is not zero (its sum is
+        # kept) and a skipped step must stay skipped, so they are fed zeros too.
+        inner = visit(arguments["inner"])
+        if factory == "accumulate_gradients":
+            steps = arguments["gradient_accumulation_steps"]
+            return _zeroing(transforms.accumulate_gradients(inner, steps))
+        if factory == "dynamic_loss_scale":
+            scale, growth = arguments["initial_scale"], arguments["dynamic_growth_steps"]
+            return _zeroing(transforms.dynamic_loss_scale(inner, scale, growth))
+        raise AssertionError(f"no flat version of {factory!r}")
+
     def visit(tx):
         rule = getattr(getattr(tx, "update", None), RULE_ATTRIBUTE, None)
-        if rule == "elementwise":
-            return _zeroing(tx)
+        if rule == _flat_rules.ELEMENTWISE:
+            return _zeroing(tx)  # fed zeros where a gradient is None (norms skip a None leaf)
+        if isinstance(rule, tuple):
+            return flat_version(tx, *rule)
         if callable(rule):
             return rule(tx, visit)
-        module, name, env = _identify(tx)
-        get = lambda key, fn_env=env: _env(fn_env, key, f"{module}.{name}")
+        # Chains built with optax itself: their pieces are only in optax's closures.
+        module, name = _identify(tx)
+        get = lambda fn, key: _env(_closure(fn), key, f"{module}.{name}")
         if module.startswith("optax") and name == "with_extra_args_support":
-            return optax.with_extra_args_support(visit(get("tx")))
+            return optax.with_extra_args_support(visit(get(tx.update, "tx")))
         if module.startswith("optax") and name == "chain":
-            init_fns = get("init_fns", inspect.getclosurevars(tx.init).nonlocals)
             children = [
                 optax.GradientTransformationExtraArgs(i, u)
-                for i, u in zip(init_fns, get("update_fns"))
+                for i, u in zip(get(tx.init, "init_fns"), get(tx.update, "update_fns"))
             ]
             return optax.chain(*(visit(c) for c in children))
-        if module == "rmsprop_jax.core" and name == "scale_by_rmsprop":
-            return _flat_rmsprop(tx)
-        if module == "rmsprop_jax.transforms.accumulation" and name == "accumulate_gradients":
-            # The mean of a leaf without a gradient is not zero (its sum is kept): the
-            # inner pieces zero it, as they see None per leaf.
-            return _zeroing(transforms.accumulate_gradients(visit(get("inner")), get("steps")))
-        if module == "rmsprop_jax.transforms.loss_scaling" and name == "dynamic_loss_scale":
-            return _zeroing(
-                transforms.dynamic_loss_scale(
-                    visit(get("inner")),
-                    get("initial_scale", inspect.getclosurevars(tx.init).nonlocals),
-                    get("dynamic_growth_steps"),
-                )
-            )
-        if module == "rmsprop_jax.transforms.clipping" and name == "clip_by_norm":
-            return _flat_clip_by_norm(
-                get("clipnorm", inspect.getclosurevars(get("clip")).nonlocals)
-            )
-        if module == "rmsprop_jax.transforms.weight_decay" and name == "add_decoupled_weight_decay":
-            decay_masks.append(get("decayed_mask"))
-            return _flat_weight_decay(
-                get("weight_decay"), get("learning_rate"), get("schedule"), get("decayed_mask")
-            )
-        if module == "rmsprop_jax.transforms.ema" and name == "ema":
-            return _flat_ema(tx)
-        if (module, name) in _RJ_FLAT_SAFE:
-            # Fed zeros where a gradient is None (a per-leaf None is skipped by norms).
-            return _zeroing(tx)
         label = f"{module}.{name}" if module else repr(tx)
         if (module.startswith("optax") and name in _OPTAX_FLAT_SAFE) or assume_elementwise:
             foreign.append(label)

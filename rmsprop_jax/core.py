@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, quantization, schedules
+from rmsprop_jax import _checks, _flat_rules, quantization, schedules
 from rmsprop_jax.sparse import IndexedSlices
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -414,4 +414,6 @@ def scale_by_rmsprop(
         )
         return new_updates, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _flat_rules.tag_factory(
+        optax.GradientTransformation(init_fn, update_fn), "scale_by_rmsprop"
+    )

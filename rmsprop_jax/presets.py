@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import optax as _optax
 
-from rmsprop_jax import _checks, alias, core, schedules, transforms
+from rmsprop_jax import _checks, _flat_rules, alias, core, schedules, transforms
 
 __all__ = ["keras", "oneflow", "optax", "tf1", "tf2", "torch"]
 
@@ -137,7 +137,7 @@ def tf2(
             sparse_mode="tf2",
         )
     )
-    return _optax.with_extra_args_support(alias._chain(pieces))
+    return _flat_rules.with_extra_args(alias._chain(pieces))
 
 
 @_strict_kwargs
@@ -229,7 +229,7 @@ def torch(
         eps_in_sqrt=False,
         lr_in_momentum=False,
     )
-    return _optax.with_extra_args_support(
+    return _flat_rules.with_extra_args(
         alias._chain(_coupled_l2_preamble(maximize, weight_decay) + [core_tx])
     )
 
@@ -274,7 +274,7 @@ def oneflow(
         pieces.append(transforms.clip_by_p_norm(clip_grad_max_norm, clip_grad_norm_type))
     pieces += _coupled_l2_preamble(False, weight_decay)
     pieces.append(core.scale_by_rmsprop(lr, alpha, eps, centered))
-    return _optax.with_extra_args_support(alias._chain(pieces))
+    return _flat_rules.with_extra_args(alias._chain(pieces))
 
 
 @_strict_kwargs

@@ -450,3 +450,22 @@ def test_transform_rule_attribute_and_pickling():
     loaded = pickle.loads(pickle.dumps(state))
     assert loaded.layout is state.layout
     assert_trees_close(loaded.inner.velocity.unflatten(), state.inner.velocity.unflatten())
+
+
+@pytest.mark.parametrize("preset", ["keras", "torch", "tf1"])
+def test_rj_transforms_are_recognised_by_their_tags_not_their_closures(monkeypatch, preset):
+    """Every rmsprop_jax factory tags its update with its rule and arguments, so a change to a
+    factory's code cannot silently change what rj.contiguous builds."""
+    import inspect
+
+    def no_closures(fn):
+        raise AssertionError(f"rj.contiguous inspected the closure of {fn.__qualname__}")
+
+    tx = {
+        "keras": lambda: rj.rmsprop(**KERAS_FULL),
+        "torch": lambda: rj.presets.torch(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1),
+        "tf1": lambda: rj.presets.tf1(learning_rate=0.01, momentum=0.5),
+    }[preset]()
+    monkeypatch.setattr(inspect, "getclosurevars", no_closures)
+    params = make_params()
+    assert_same_run(tx, params, make_grads(params, steps=2))

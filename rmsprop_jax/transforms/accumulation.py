@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, _flat_rules
 
 from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.utils import zeros_like_shape
@@ -56,6 +56,7 @@ def accumulate_gradients(
     """
     _checks.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     steps = gradient_accumulation_steps
+    arguments = dict(inner=inner, gradient_accumulation_steps=steps)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -93,7 +94,8 @@ def accumulate_gradients(
             inner_state=inner_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _flat_rules.tag_factory(tx, "accumulate_gradients", **arguments)
 
 
 def _add(g, acc):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import dense_parts, map_gradients
 
@@ -51,7 +51,10 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
         del params
         return _tree_map(clip, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _flat_rules.tag(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        _flat_rules.ELEMENTWISE,
+    )
 
 
 def _square_sum(g: jax.Array) -> jax.Array:
@@ -88,7 +91,8 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
         del params
         return _tree_map(clip, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    tx = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _flat_rules.tag_factory(tx, "clip_by_norm", clipnorm=clipnorm)
 
 
 def global_norm(tree) -> jax.Array:
@@ -124,7 +128,10 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
         scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _flat_rules.tag(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        _flat_rules.ELEMENTWISE,
+    )
 
 
 def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTransformation:
@@ -162,4 +169,7 @@ def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTra
         scale = jnp.minimum(max_norm / (total + 1e-6), 1.0)
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _flat_rules.tag(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        _flat_rules.ELEMENTWISE,
+    )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.sparse import IndexedSlices
 
 
@@ -97,7 +97,7 @@ def ema(
         )
         return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "ema")
 
 
 def ema_params(opt_state: Any) -> Any:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.utils import zeros_like_shape
 
@@ -32,7 +32,10 @@ def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
         del params
         return map_gradients(lambda g: _divide(g, loss_scale_factor), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return _flat_rules.tag(
+        optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
+        _flat_rules.ELEMENTWISE,
+    )
 
 
 def _divide(g: jax.Array, scale) -> jax.Array:
@@ -87,6 +90,9 @@ def dynamic_loss_scale(
     """
     _checks.check_range("initial_scale", initial_scale, 0.0, low_open=True)
     _checks.check_positive_int("dynamic_growth_steps", dynamic_growth_steps)
+    arguments = dict(
+        inner=inner, initial_scale=initial_scale, dynamic_growth_steps=dynamic_growth_steps
+    )
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -125,7 +131,8 @@ def dynamic_loss_scale(
             scale=scale, counter=counter, inner_state=inner_state
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _flat_rules.tag_factory(tx, "dynamic_loss_scale", **arguments)
 
 
 def loss_scale(opt_state: Any) -> jax.Array:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, schedules
+from rmsprop_jax import _checks, _flat_rules, schedules
 from rmsprop_jax.sparse import IndexedSlices
 
 Exclusion = Union[None, str, Sequence[str], Any, Callable[[Any], Any]]
@@ -123,4 +123,12 @@ def add_decoupled_weight_decay(
         count = None if schedule is None else optax.safe_increment(state.count)
         return updates, WeightDecayState(count=count)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _flat_rules.tag_factory(
+        tx,
+        "add_decoupled_weight_decay",
+        weight_decay=weight_decay,
+        learning_rate=learning_rate,
+        schedule=schedule,
+        decayed_mask=decayed_mask,
+    )
