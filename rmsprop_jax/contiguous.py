@@ -56,10 +56,14 @@ five runs)::
     tree p+g, no optimizer        4.1x          2.6x              6.1x
     rj.contiguous, flat params    1.01x         0.98x             1.01x
 
-(the issue's target, <= 2x, needs the flat parameters). At 1M parameters in
-100 leaves the tree path gains nothing (3.5x vs 3.0x plain, 3.3x vs 3.5x
-full: the concatenation is a pass over the gradients, and with weight decay
-or EMA over the parameters too); flat parameters stay at 1.05x. A whole
+(the issue's target, <= 2x, needs the flat parameters). **The tree path is
+for small leaves only.** Every step it concatenates the gradients and splits
+the flat update: parameter-sized temporaries allocated per step. At 1M
+parameters in 100 leaves it gains little (``python -m rmsprop_jax bench``:
+2.66x vs rj's 2.32x plain, 1.69x vs 2.29x full), and at 16M in 160 leaves it
+LOSES (8.3x plain, 4.8x full, where per-leaf rj is 1.06x / 1.02x: 122 MB of
+temporaries, and XLA:CPU's concatenate is slow); flat parameters stay at
+0.8-1.2x everywhere. A whole
 training step of an MLP (100 residual layers of a 31x31 kernel and a bias:
 99,200 parameters, 200 leaves, batch 32, forward + backward + optimizer)::
 
