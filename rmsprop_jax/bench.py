@@ -453,7 +453,10 @@ def make_rj(
     flat: bool = False,
     accumulator_dtype: str | None = None,
 ) -> Contender:
+    import jax
+
     import rmsprop_jax as rj
+    from rmsprop_jax import quantization
 
     extra = {} if accumulator_dtype is None else {"accumulator_dtype": accumulator_dtype}
     tx = rj.rmsprop(**CONFIGS[config], **extra)
@@ -477,20 +480,11 @@ def make_rj(
         name, label = "rj-contiguous-flat", label + " on rj.contiguous.flatten(params)"
     state = (params, tx.init(params))
     contender = _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
-    contender.stats["state_bytes_per_param"] = _state_bytes(state[1]) / _elements_of(params)
+    # Per-parameter arrays only: the scalar counters are no memory per parameter.
+    per_param = [x for x in jax.tree.leaves(state[1]) if x.ndim]
+    elements = sum(x.size for x in jax.tree.leaves(params))
+    contender.stats["state_bytes_per_param"] = quantization.tree_nbytes(per_param) / elements
     return contender
-
-
-def _state_bytes(tree: Any) -> int:
-    import jax
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if x.ndim)
-
-
-def _elements_of(tree: Any) -> int:
-    import jax
-
-    return sum(x.size for x in jax.tree.leaves(tree))
 
 
 def contiguous_api() -> Callable | None:
