@@ -119,7 +119,10 @@ def check_same_structure(grads: Any, reference: Any, reference_name: str = "para
 
 
 def check_inexact_leaves(tree: Any, what: str) -> None:
-    """Raises TypeError naming the first leaf that is not float or complex."""
+    """Raises TypeError naming the first leaf that is not float or complex (or a malformed IndexedSlices)."""
+    from rmsprop_jax.sparse import check_sparse_leaves  # noqa: PLC0415 - sparse imports nothing of ours
+
+    check_sparse_leaves(tree, what)
     for path, leaf in flatten_with_none(tree)[0]:
         if leaf is None:
             continue

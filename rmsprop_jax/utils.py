@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax.sparse import IndexedSlices
+from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 
 def zeros_like_shape(shape: jax.ShapeDtypeStruct) -> jax.Array:
@@ -35,6 +35,8 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
       >>> rj.apply_updates({"a": jnp.ones(2), "b": jnp.ones(1)}, {"a": -jnp.ones(2), "b": None})
       {'a': Array([0., 0.], dtype=float32), 'b': Array([1.], dtype=float32)}
     """
+
+    check_sparse_leaves(updates, "updates")
 
     def apply(p, u):
         if u is None or p is None:

@@ -11,7 +11,7 @@ import optax
 
 from rmsprop_jax import _checks, _flat_rules
 
-from rmsprop_jax.sparse import IndexedSlices
+from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 from rmsprop_jax.utils import zeros_like_shape
 
 
@@ -67,6 +67,7 @@ def accumulate_gradients(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_sparse_leaves(updates, "grads")
         is_update_step = (state.count + 1) % steps == 0
 
         # The running sum, touched rows only for row-sparse gradients; the

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks, _flat_rules
-from rmsprop_jax.sparse import IndexedSlices
+from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 
 class EmaState(NamedTuple):
@@ -70,6 +70,7 @@ def ema(
     def update_fn(updates, state, params=None):
         if params is None:
             raise _checks.params_required("ema")
+        check_sparse_leaves(updates, "updates")
         iterations = state.count // steps
         k = jnp.where(iterations != 0, ema_momentum, 0.0)
         overwrite = None

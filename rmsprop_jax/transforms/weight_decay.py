@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks, _flat_rules, schedules
-from rmsprop_jax.sparse import IndexedSlices
+from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 Exclusion = Union[None, str, Sequence[str], Any, Callable[[Any], Any]]
 
@@ -103,6 +103,7 @@ def add_decoupled_weight_decay(
     def update_fn(updates, state, params=None):
         if params is None:
             raise _checks.params_required("add_decoupled_weight_decay")
+        check_sparse_leaves(updates, "grads")
         lr = learning_rate if schedule is None else schedule(state.count)
         mask = decayed_mask(params)
 
