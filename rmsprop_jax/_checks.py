@@ -70,7 +70,7 @@ def params_required(transform: str) -> ValueError:
     return ValueError(f"{transform} reads the parameters: call update(grads, state, params)")
 
 
-def _is_none(x: Any) -> bool:
+def is_leaf_gradient(x: Any) -> bool:
     """Leaves that must not be descended into: None (a missing gradient) and IndexedSlices."""
     from rmsprop_jax.sparse import IndexedSlices  # noqa: PLC0415 - sparse imports nothing of ours
 
@@ -79,7 +79,7 @@ def _is_none(x: Any) -> bool:
 
 def flatten_with_none(tree: Any):
     """Flattens ``tree`` keeping ``None`` as a leaf, so a missing gradient keeps its slot."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf_gradient)
 
 
 def path_name(path) -> str:

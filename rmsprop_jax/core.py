@@ -365,6 +365,8 @@ def scale_by_rmsprop(
         )
 
     def update_fn(updates, state, params=None):
+        if quantized:
+            state = state._replace(velocity=quantization.restore(state.velocity))
         if params is not None:
             _checks.check_same_structure(updates, params, "params")
         _checks.check_same_structure(

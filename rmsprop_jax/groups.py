@@ -43,7 +43,8 @@ def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = No
             )
         return default
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    # optax.partition labels the updates too: a row-sparse gradient is one leaf.
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_checks.is_leaf_gradient)
 
 
 def param_groups(
@@ -77,7 +78,9 @@ def param_groups(
         def label_fn(params):
             # A flat dict with exactly the params' keys is a label pytree, not regexes
             # ({"w": ..., "w_bias": ...}: the regex "w" would also match "w_bias").
-            if jax.tree.structure(rules) == jax.tree.structure(params):
+            if jax.tree.structure(rules) == jax.tree.structure(
+                params, is_leaf=_checks.is_leaf_gradient
+            ):
                 return rules
             return label_leaves(params, rules, default)
     else:

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _checks, alias, core, schedules
+from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.accumulation import AccumulationState
 from rmsprop_jax.transforms.ema import EmaState
 from rmsprop_jax.transforms.weight_decay import WeightDecayState, compile_exclusion
@@ -140,10 +141,18 @@ class RMSprop:
         frequency = self._kwargs["ema_overwrite_frequency"]
         if self._kwargs["use_ema"] and frequency is not None:
             overwrite = (opt_state.iterations // self._steps + 1) % frequency == 0
+
+            def write_average(u, avg, w):
+                if isinstance(u, IndexedSlices):  # lazy, as rj.rmsprop: the touched rows only
+                    return u.scatter(w, jnp.where(overwrite, u.gather(avg), u.gather(w)))
+                return jnp.where(overwrite, avg, w)
+
             new_params = jax.tree.map(
-                lambda avg, w: jnp.where(overwrite, avg, w),
+                write_average,
+                updates,
                 _find(new_state, EmaState).ema,
                 new_params,
+                is_leaf=_checks.is_leaf_gradient,
             )
         return new_params, new_state
 

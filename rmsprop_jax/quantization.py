@@ -79,6 +79,7 @@ shape is not stored; it is the gradient's (and the parameter's) shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -98,6 +99,7 @@ __all__ = [
     "is_quantized_size",
     "quantize",
     "quantize_codes",
+    "restore",
     "state_bytes_per_param",
     "structure_view",
     "tree_nbytes",
@@ -256,6 +258,25 @@ def check_dense_gradient(grad: Any, leaf_name: str) -> None:
 
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
+
+
+def _is_rebuilt(x: Any) -> bool:
+    """A QuantizedArray whose NamedTuple a wrapper rebuilt as a mapping (``nnx.State``, a dict)."""
+    return isinstance(x, Mapping) and set(x.keys()) == set(QuantizedArray._fields)
+
+
+def restore(tree: Any) -> Any:
+    """``tree`` with every rebuilt QuantizedArray (see :func:`_is_rebuilt`) a QuantizedArray again.
+
+    ``nnx.Optimizer`` stores the state as ``nnx.State`` containers and hands
+    a NamedTuple back as a mapping of its fields; a restored checkpoint without
+    a target does the same with dicts. The fields are read by name.
+    """
+    return jax.tree.map(
+        lambda x: QuantizedArray(**{f: x[f] for f in QuantizedArray._fields}) if _is_rebuilt(x) else x,
+        tree,
+        is_leaf=lambda x: _is_quantized(x) or _is_rebuilt(x),
+    )
 
 
 def structure_view(tree: Any) -> Any:

@@ -15,6 +15,7 @@ from rmsprop_jax.transforms.loss_scaling import (
     loss_scale,
     unscale_gradients,
 )
+from rmsprop_jax.transforms.sparse_adapters import densify, on_touched_rows
 from rmsprop_jax.transforms.weight_decay import WeightDecayState, add_decoupled_weight_decay
 
 __all__ = [
@@ -28,10 +29,12 @@ __all__ = [
     "clip_by_norm",
     "clip_by_p_norm",
     "clip_by_value",
+    "densify",
     "dynamic_loss_scale",
     "ema",
     "ema_params",
     "global_norm",
     "loss_scale",
+    "on_touched_rows",
     "unscale_gradients",
 ]
