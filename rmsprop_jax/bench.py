@@ -37,8 +37,9 @@ Contenders, all given the same parameters and gradients:
 The optional case ``sparse 1Mx64/4096`` (when ``rj.IndexedSlices`` exists)
 steps a 1,000,000 x 64 table with 4,096 looked-up ids (duplicates allowed):
 the dense floor and ``rj`` with a dense gradient, against ``floor-sparse``
-(gather / update / scatter of the pre-deduplicated rows) and ``rj-sparse``
-(``IndexedSlices`` gradient, ``rj.apply_updates`` scatter). Its "HLO B/param"
+(gather / update / scatter of the pre-deduplicated rows), ``rj-sparse``
+(``IndexedSlices`` gradient, ``rj.apply_updates`` scatter) and ``rj-sparse-optax``
+(the same, applied by ``optax.apply_updates``). Its "HLO B/param"
 is per table element and counts each scatter's whole operand (cost analysis
 does), so it overstates the sparse rows' traffic.
 
@@ -746,6 +747,18 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
                 ratio_to="floor-sparse",
             )
             contenders.append(c)
+            import optax  # noqa: PLC0415 - the seam users meet: optax's own apply_updates
+
+            contenders.append(
+                _jax_contender(
+                    "rj-sparse-optax",
+                    "as rj-sparse, applied with optax.apply_updates (dense + IndexedSlices scatter)",
+                    _optax_step(tx, optax.apply_updates),
+                    rj_state(),
+                    batches,
+                    ratio_to="floor-sparse",
+                )
+            )
         except Exception as err:  # noqa: BLE001 - API in progress: skip with a note
             notes.append(f"rj-sparse skipped: {type(err).__name__}: {str(err)[:200]}")
     return n, contenders, notes
