@@ -101,7 +101,8 @@ def _encode_rows(indices: Any, num_rows: int) -> jax.Array:
         if not isinstance(indices, jax.core.Tracer):
             _check_no_negative(indices, num_rows)
         dtype = indices.dtype
-        valid = indices < num_rows if num_rows <= jnp.iinfo(dtype).max else True
+        fits = num_rows <= jnp.iinfo(dtype).max
+        valid = indices < jnp.asarray(num_rows, dtype) if fits else True
         if jnp.issubdtype(dtype, jnp.signedinteger):
             valid = valid & (indices >= 0)
         rows = jnp.where(valid, indices.astype(jnp.uint32), jnp.uint32(num_rows))
@@ -245,15 +246,29 @@ class IndexedSlices:
             return IndexedSlices._from_row_ids(self._row_ids, self.values, self.dense_shape, True)
         n = self.num_rows
         indices = self.indices  # already in [0, n]: n is the padding
-        # Sort the keys alone (a key-value sort is several times slower on CPU),
-        # number the distinct rows, and find each entry's row by binary search.
-        ordered = jnp.sort(indices)
+        # One sort of single keys (a key-value sort is several times slower on
+        # CPU); the distinct rows are numbered, and each entry gets its row's
+        # number (its segment) for the sum.
+        position_bits = (k - 1).bit_length()
+        packed = n.bit_length() + position_bits <= 32
+        if packed:
+            # Pack (row, position) into one uint32 key: the sort yields the permutation too.
+            keys = jnp.sort(
+                (indices.astype(jnp.uint32) << position_bits) | jnp.arange(k, dtype=jnp.uint32)
+            )
+            ordered = (keys >> position_bits).astype(indices.dtype)
+            permutation = (keys & ((1 << position_bits) - 1)).astype(jnp.int32)
+        else:  # find each entry's place in the sorted rows by binary search
+            ordered = jnp.sort(indices)
         first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
         position = jnp.cumsum(first.astype(jnp.int32)) - 1
         unique = jnp.full((k,), n, indices.dtype).at[position].set(ordered)
-        segment = position[jnp.searchsorted(ordered, indices, side="left", method="scan")]
+        if packed:
+            segment = jnp.zeros((k,), jnp.int32).at[permutation].set(position, unique_indices=True)
+        else:
+            segment = position[jnp.searchsorted(ordered, indices, side="left", method="scan")]
         summed = jax.ops.segment_sum(self.values, segment, num_segments=k)
-        valid = (unique < n).reshape((k,) + (1,) * (summed.ndim - 1))
+        valid = (unique < jnp.asarray(n, unique.dtype)).reshape((k,) + (1,) * (summed.ndim - 1))
         summed = jnp.where(valid, summed, jnp.zeros_like(summed))
         row_ids = jax.random.wrap_key_data(unique.astype(jnp.uint32)[:, None], impl=_row_id_impl())
         return IndexedSlices._from_row_ids(row_ids, summed, self.dense_shape, True)

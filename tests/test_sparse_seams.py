@@ -398,3 +398,20 @@ def test_value_and_sparse_grad_drops_ids_beyond_the_table():
     _, grads = rj.value_and_sparse_grad(_nested_loss, "embed/embedding")(NESTED, ids)
     dense_g = np.asarray(grads["embed"]["embedding"].to_dense())
     assert np.count_nonzero(dense_g.any(axis=1)) == 1 and dense_g[1].any()
+
+
+@pytest.mark.parametrize("rows", [1000, 2**30, 2**32 - 1])  # packed sort keys; binary search
+def test_deduplicate_equals_numpy(rows):
+    rng = np.random.default_rng(rows % 97)
+    ids = rng.integers(0, 50, 64) * (rows // 50) + np.r_[[rows] * 4, np.zeros(60, np.int64)].astype(np.int64)
+    values = rng.standard_normal((64, 2)).astype(np.float32)
+    g = jax.jit(lambda g: g.deduplicate())(rj.IndexedSlices(ids, jnp.asarray(values), (rows, 2)))
+    kept = ids < rows
+    unique, inverse = np.unique(ids[kept], return_inverse=True)
+    sums = np.zeros((unique.size, 2), np.float32)
+    np.add.at(sums, inverse, values[kept])
+    got = np.asarray(g.indices)
+    np.testing.assert_array_equal(got[: unique.size], unique)
+    assert (got[unique.size:].astype(np.int64) == rows).all()  # padding last
+    np.testing.assert_allclose(g.values[: unique.size], sums, rtol=1e-6)
+    np.testing.assert_array_equal(g.values[unique.size:], 0)
