@@ -273,7 +273,9 @@ def restore(tree: Any) -> Any:
     a target does the same with dicts. The fields are read by name.
     """
     return jax.tree.map(
-        lambda x: QuantizedArray(**{f: x[f] for f in QuantizedArray._fields}) if _is_rebuilt(x) else x,
+        lambda x: (
+            QuantizedArray(**{f: x[f] for f in QuantizedArray._fields}) if _is_rebuilt(x) else x
+        ),
         tree,
         is_leaf=lambda x: _is_quantized(x) or _is_rebuilt(x),
     )

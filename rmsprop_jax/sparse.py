@@ -158,9 +158,7 @@ class IndexedSlices:
              [0., 0.]], dtype=float32)
     """
 
-    def __init__(
-        self, indices: Any, values: Any, dense_shape: Sequence[int], unique: bool = False
-    ):
+    def __init__(self, indices: Any, values: Any, dense_shape: Sequence[int], unique: bool = False):
         dense_shape = tuple(int(d) for d in dense_shape)
         _check_layout(indices, values, dense_shape)
         self.dense_shape = dense_shape
@@ -216,7 +214,7 @@ class IndexedSlices:
 
     @property
     def indices(self) -> jax.Array:
-        """The row numbers: int32 (uint32 for tables of 2**31 rows or more); dropped ones read dense_shape[0]."""
+        """The row numbers, int32 (uint32 from 2**31 rows); dropped ones read ``dense_shape[0]``."""
         self.validate("this")
         return _decode_rows(self._row_ids, self.num_rows)
 
@@ -377,7 +375,9 @@ def pad(indices: Any, values: Any, dense_shape: Sequence[int], k: int) -> Indexe
         raise ValueError(f"pad: {indices.shape[0]} entries do not fit in k={k}")
     extra = k - indices.shape[0]
     padding = np.full(extra, dense_shape[0], np.min_scalar_type(dense_shape[0]))
-    indices = np.concatenate([indices, padding.astype(np.promote_types(indices.dtype, padding.dtype))])
+    indices = np.concatenate(
+        [indices, padding.astype(np.promote_types(indices.dtype, padding.dtype))]
+    )
     values = np.concatenate([values, np.zeros((extra,) + values.shape[1:], values.dtype)])
     return IndexedSlices(indices, jnp.asarray(values), dense_shape)
 
@@ -441,7 +441,9 @@ def value_and_sparse_grad(
     def wrapped(params, ids, *args):
         position, leaves, treedef = _find_leaf(params, table)
         weights = leaves[position]
-        flat_ids = jnp.reshape(jnp.asarray(ids) if isinstance(ids, jax.Array) else np.asarray(ids), -1)
+        flat_ids = jnp.reshape(
+            jnp.asarray(ids) if isinstance(ids, jax.Array) else np.asarray(ids), -1
+        )
         # Out-of-range ids (padding, int64 beyond the table) read zeros and are dropped.
         probe = IndexedSlices(flat_ids, jnp.zeros((flat_ids.shape[0], 0)), (weights.shape[0], 0))
         rows = weights.at[probe.indices].get(mode="fill", fill_value=0)

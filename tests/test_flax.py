@@ -187,7 +187,11 @@ def test_linen_train_state_trains_an_embedding_with_sparse_gradients():
         dense, _ = dense_step(dense, ids, y)
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), sparse.params, dense.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
+        sparse.params,
+        dense.params,
+    )
     assert not np.array_equal(sparse.params["embed"]["embedding"], params["embed"]["embedding"])
 
 
@@ -242,8 +246,10 @@ def test_nnx_optimizer_with_int8_state_equals_functional():
     graphdef, p = nnx.split(model, nnx.Param)
     p = jax.tree.map(jnp.array, p)
     s = tx.init(p)
-    assert any(isinstance(x, rj.quantization.QuantizedArray)
-               for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, rj.quantization.QuantizedArray)))
+    assert any(
+        isinstance(x, rj.quantization.QuantizedArray)
+        for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, rj.quantization.QuantizedArray))
+    )
     x = jax.random.normal(jax.random.PRNGKey(2), (8, 64))
 
     def loss_of(m):

@@ -18,7 +18,10 @@ V, D = 10, 3
 ROWS = [1, 5, 9, 5]  # row 5 twice: summed
 TOUCHED = np.array([1, 5, 9])
 UNTOUCHED = np.setdiff1d(np.arange(V), TOUCHED)
-PARAMS = {"e": jnp.arange(V * D, dtype=jnp.float32).reshape(V, D) / 10 - 1, "w": jnp.linspace(-1, 1, 4)}
+PARAMS = {
+    "e": jnp.arange(V * D, dtype=jnp.float32).reshape(V, D) / 10 - 1,
+    "w": jnp.linspace(-1, 1, 4),
+}
 _VALUES = jax.random.normal(jax.random.PRNGKey(0), (len(ROWS), D))
 
 
@@ -122,7 +125,9 @@ def test_norm_transforms_are_refused_bare_and_through_on_touched_rows(name, make
     with pytest.raises((TypeError, NotImplementedError)):
         jax.jit(bare.update)(sparse_grads(), bare.init(PARAMS), PARAMS)
     wrapped = rj.on_touched_rows(make())
-    with pytest.raises(ValueError, match=r"not elementwise on the rows of grads leaf 'e'.*reduce_sum"):
+    with pytest.raises(
+        ValueError, match=r"not elementwise on the rows of grads leaf 'e'.*reduce_sum"
+    ):
         jax.jit(wrapped.update)(sparse_grads(), wrapped.init(PARAMS), PARAMS)
 
 
@@ -190,7 +195,9 @@ def test_multisteps_is_refused_and_densify_gives_the_dense_result():
 
 def test_masked():
     g = sparse_grads()
-    out, _ = optax.masked(optax.scale(0.5), {"e": False, "w": True}).update(g, optax.MaskedState(()))
+    out, _ = optax.masked(optax.scale(0.5), {"e": False, "w": True}).update(
+        g, optax.MaskedState(())
+    )
     np.testing.assert_array_equal(out["e"].indices, g["e"].indices)  # passed through untouched
     np.testing.assert_array_equal(out["e"].values, g["e"].values)
     np.testing.assert_array_equal(out["w"], 0.5 * g["w"])
@@ -228,7 +235,9 @@ def test_lookahead_is_refused_and_densify_gives_the_dense_result():
     with pytest.raises(ValueError, match="IndexedSlices"):
         run(optax.lookahead(rj.rmsprop(0.1), 2, 0.5), grads, synced)
     # Rows never touched keep v = 0 and get zero updates, so lazy == dense here.
-    ours, _, _ = run(optax.lookahead(optax.chain(rj.rmsprop(0.1), rj.densify()), 2, 0.5), grads, synced)
+    ours, _, _ = run(
+        optax.lookahead(optax.chain(rj.rmsprop(0.1), rj.densify()), 2, 0.5), grads, synced
+    )
     theirs, _, _ = run(optax.lookahead(rj.rmsprop(0.1), 2, 0.5), [dense(g) for g in grads], synced)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
 
@@ -273,7 +282,9 @@ def test_a_slice_rebuilt_malformed_is_an_error_naming_the_leaf():
         optax.apply_updates(PARAMS, int_rows)  # optax gives no path: the operand is named
 
 
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64, np.uint32, np.uint64])
+@pytest.mark.parametrize(
+    "dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64, np.uint32, np.uint64]
+)
 def test_out_of_range_indices_are_dropped_for_every_integer_dtype(dtype):
     info = np.iinfo(dtype)
     beyond = [int(info.max)] + ([2**32 + 1] if info.max > 2**32 else [])
@@ -352,7 +363,9 @@ def test_rmsprop_object_equals_function_on_sparse_gradients(cfg):
     for g in grads:
         params, state = step(state, g, params)
     # The EMA overwrite writes the average exactly where the function writes w + (avg - w).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-7), params, function)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-7), params, function
+    )
 
 
 # -- value_and_sparse_grad: a path into nested params -------------------------------------------
@@ -384,12 +397,18 @@ def test_value_and_sparse_grad_takes_a_nested_path(table):
     value, grads = jax.jit(rj.value_and_sparse_grad(_nested_loss, table))(NESTED, ids)
     want_value, want = _dense_reference(ids)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    np.testing.assert_allclose(grads["embed"]["embedding"].to_dense(), want["embed"]["embedding"], rtol=1e-6)
-    np.testing.assert_allclose(grads["head"]["kernel"], want["head"]["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        grads["embed"]["embedding"].to_dense(), want["embed"]["embedding"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        grads["head"]["kernel"], want["head"]["kernel"], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_value_and_sparse_grad_unknown_path_lists_the_leaves():
-    with pytest.raises(KeyError, match=r"'embed/weights' matches 0 leaves.*embed/embedding, head/kernel"):
+    with pytest.raises(
+        KeyError, match=r"'embed/weights' matches 0 leaves.*embed/embedding, head/kernel"
+    ):
         rj.value_and_sparse_grad(_nested_loss, "embed/weights")(NESTED, jnp.array([1]))
 
 
@@ -403,7 +422,9 @@ def test_value_and_sparse_grad_drops_ids_beyond_the_table():
 @pytest.mark.parametrize("rows", [1000, 2**30, 2**32 - 1])  # packed sort keys; binary search
 def test_deduplicate_equals_numpy(rows):
     rng = np.random.default_rng(rows % 97)
-    ids = rng.integers(0, 50, 64) * (rows // 50) + np.r_[[rows] * 4, np.zeros(60, np.int64)].astype(np.int64)
+    ids = rng.integers(0, 50, 64) * (rows // 50) + np.r_[[rows] * 4, np.zeros(60, np.int64)].astype(
+        np.int64
+    )
     values = rng.standard_normal((64, 2)).astype(np.float32)
     g = jax.jit(lambda g: g.deduplicate())(rj.IndexedSlices(ids, jnp.asarray(values), (rows, 2)))
     kept = ids < rows
@@ -412,6 +433,6 @@ def test_deduplicate_equals_numpy(rows):
     np.add.at(sums, inverse, values[kept])
     got = np.asarray(g.indices)
     np.testing.assert_array_equal(got[: unique.size], unique)
-    assert (got[unique.size:].astype(np.int64) == rows).all()  # padding last
+    assert (got[unique.size :].astype(np.int64) == rows).all()  # padding last
     np.testing.assert_allclose(g.values[: unique.size], sums, rtol=1e-6)
-    np.testing.assert_array_equal(g.values[unique.size:], 0)
+    np.testing.assert_array_equal(g.values[unique.size :], 0)

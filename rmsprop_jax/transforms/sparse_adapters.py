@@ -43,11 +43,17 @@ _ELEMENTWISE = frozenset(
     sin sinh sqrt square stop_gradient sub tan tanh xor""".split()
 )
 # Call-like primitives whose body is followed (inputs map one to one onto its inputs).
-_CALLS = frozenset("pjit jit closed_call core_call remat checkpoint custom_jvp_call custom_vjp_call".split())
+_CALLS = frozenset(
+    "pjit jit closed_call core_call remat checkpoint custom_jvp_call custom_vjp_call".split()
+)
 
 
 def _first_mixing(jaxpr: Any, sources: dict) -> tuple[str, frozenset] | tuple[None, dict]:
-    """Walks ``jaxpr`` from ``sources`` (var -> source ids); the first non-elementwise use, or the var map."""
+    """Follows ``sources`` (var -> leaf ids) through ``jaxpr``.
+
+    Returns the first non-elementwise primitive they reach and its leaf ids,
+    or ``(None, var -> leaf ids)`` for every var that depends on them.
+    """
     depends = dict(sources)
     for eqn in jaxpr.eqns:
         used = [
@@ -69,7 +75,9 @@ def _first_mixing(jaxpr: Any, sources: dict) -> tuple[str, frozenset] | tuple[No
                 if not isinstance(inner_var, Literal) and inner_var in inner:
                     depends[outer_var] = inner[inner_var]
             continue
-        same_shape = name == "broadcast_in_dim" and eqn.invars[0].aval.shape == eqn.outvars[0].aval.shape
+        same_shape = (
+            name == "broadcast_in_dim" and eqn.invars[0].aval.shape == eqn.outvars[0].aval.shape
+        )
         if name not in _ELEMENTWISE and not same_shape:
             return name, origin
         for v in eqn.outvars:
@@ -216,7 +224,11 @@ def _check_elementwise(run, values, param_rows, treedef, names) -> None:
         owner = update_positions[index] if index < n_updates else None
         stray = found[var] - {owner}
         if stray:
-            where = "the transform's state" if owner is None else f"grads leaf {names.get(owner, owner)!r}"
+            where = (
+                "the transform's state"
+                if owner is None
+                else f"grads leaf {names.get(owner, owner)!r}"
+            )
             raise ValueError(
                 f"rj.on_touched_rows: the rows of grads leaf {names[min(stray)]!r} flow into "
                 f"{where}: the wrapped transform keeps per-parameter or data-dependent state, "
