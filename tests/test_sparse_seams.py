@@ -80,6 +80,46 @@ def test_optax_apply_updates_with_donation_is_in_place():
     assert "scatter" in compiled.as_text()
 
 
+def test_embedding_trained_with_optax_apply_updates_equals_dense_training():
+    """Every batch touches every row, so the lazy sparse step equals the dense one."""
+    params = {"embed": PARAMS["e"], "head": jnp.ones((D, 1))}
+    tx = rj.rmsprop(0.05, momentum=0.9, centered=True)
+
+    def loss(p, rows, ids, y):
+        return jnp.mean((jnp.tanh(rows) @ p["head"] - y) ** 2)
+
+    @jax.jit
+    def sparse_step(p, s, ids, y):
+        value, g = rj.value_and_sparse_grad(loss, "embed")(p, ids, y)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    @jax.jit
+    def dense_step(p, s, ids, y):
+        g = jax.grad(lambda p: loss(p, p["embed"][ids], ids, y))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    rng = np.random.default_rng(1)
+    sparse_p, sparse_s, dense_p, dense_s, losses = (
+        params,
+        tx.init(params),
+        params,
+        tx.init(params),
+        [],
+    )
+    for _ in range(6):
+        ids = jnp.asarray(rng.permutation(np.r_[np.arange(V), rng.integers(0, V, 4)]))
+        y = jnp.sin(ids.astype(jnp.float32))[:, None]
+        sparse_p, sparse_s, value = sparse_step(sparse_p, sparse_s, ids, y)
+        dense_p, dense_s = dense_step(dense_p, dense_s, ids, y)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), sparse_p, dense_p
+    )
+
+
 def test_dense_plus_sparse_checks_the_shape():
     with pytest.raises(ValueError, match=r"shape \(9, 3\).*dense_shape \(10, 3\)"):
         jnp.zeros((9, 3)) + sparse_grads()["e"]
