@@ -15,6 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from rmsprop_jax import _flat_rules, quantization
 
 
 def concrete_float(value: Any) -> float | None:
@@ -172,3 +175,126 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+
+
+# The options that decide each state field: named in the error when the field differs.
+_STATE_FIELD_OPTIONS = {
+    "momentum": "momentum",
+    "average_gradient": "centered",
+    "count": "learning_rate (a schedule keeps a step count) / bias_correction",
+    "velocity": "accumulator_dtype",
+    "codes": "accumulator_dtype",
+    "absmax": "accumulator_dtype",
+    "ema": "use_ema",
+    "accumulators": "gradient_accumulation_steps",
+    "inner_state": "gradient_accumulation_steps / loss scaling",
+    "scale": "loss_scale_factor / dynamic loss scaling",
+}
+
+
+def _describe_leaf(x: Any) -> str:
+    if x is None:
+        return "None (no slot)"
+    return f"{jnp.dtype(x.dtype).name}{list(np.shape(x))}"
+
+
+def _options_deciding(paths: Any) -> str:
+    """The options that decide the state fields on ``paths`` ("" when none is known)."""
+    options = []
+    for path in paths:
+        for name in path.split("/"):
+            option = _STATE_FIELD_OPTIONS.get(name)
+            if option and option not in options:
+                options.append(option)
+    return f" (decided by: {', '.join(options)})" if options else ""
+
+
+def _state_mismatch(where: str, what: str, options: str) -> ValueError:
+    return ValueError(
+        f"{where}: the optimizer state was not built by a transform with these options: "
+        f"{what}{options}. A state from another configuration (a checkpoint from before an "
+        "option changed, an int8 <-> float state swap, a checkpoint restored without its "
+        "target) would be silently reinterpreted. Build the state with tx.init(params), "
+        "restore checkpoints into that target (orbax: StandardRestore(tx.init(params))), or "
+        "convert the old state explicitly."
+    )
+
+
+def check_state_matches(state: Any, expected: Any, where: str, *, dtypes: bool = True) -> None:
+    """Raises ValueError unless ``state`` has ``expected``'s containers, slots, shapes (and dtypes).
+
+    ``expected`` is ``jax.eval_shape(tx.init, params)``: the state these options
+    build. Trace-time facts only, no run-time cost. The error names the first
+    differing leaf and the options that decide it.
+    """
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: x is None)
+    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(
+        expected, is_leaf=lambda x: x is None
+    )
+    if got_def != want_def:
+        got_paths = [path_name(p) for p, _ in got_leaves]
+        want_paths = [path_name(p) for p, _ in want_leaves]
+        only_got = [p for p in got_paths if p not in want_paths]
+        only_want = [p for p in want_paths if p not in got_paths]
+        if only_got or only_want:
+            what = (
+                f"the state has {only_got[:3] or 'no other leaves'} where this transform's "
+                f"init has {only_want[:3] or 'nothing'}"
+            )
+            # Fields present on one side only name the option best (an EMA state, an
+            # accumulation wrapper); else the fields on the differing paths.
+            fields = {name for path in got_paths for name in path.split("/")}
+            fields ^= {name for path in want_paths for name in path.split("/")}
+            options = _options_deciding(fields) or _options_deciding(only_got + only_want)
+            raise _state_mismatch(where, what, options)
+        raise _state_mismatch(
+            where, f"same leaves, other containers: the state is {got_def}, init gives {want_def}", ""
+        )
+    for (path, got), (_, want) in zip(got_leaves, want_leaves):
+        mismatch = (got is None) != (want is None) or (
+            want is not None
+            and (
+                tuple(np.shape(got)) != tuple(want.shape)
+                or (dtypes and jnp.dtype(got.dtype) != jnp.dtype(want.dtype))
+            )
+        )
+        if mismatch:
+            name = path_name(path)
+            what = (
+                f"at {name!r} the state has {_describe_leaf(got)} where this transform's init "
+                f"gives {_describe_leaf(want)}"
+            )
+            raise _state_mismatch(where, what, _options_deciding([name]))
+
+
+def with_state_check(tx: Any, where: str) -> Any:
+    """``tx`` whose ``update`` first checks the state against ``tx.init`` (:func:`check_state_matches`).
+
+    The expected state comes from ``jax.eval_shape(tx.init, params)`` (the
+    gradients stand in when ``params`` is None; dtypes are then not compared),
+    cached per tree structure, shapes and dtypes.
+    """
+    original, tx = tx, optax.with_extra_args_support(tx)
+    cache: dict = {}
+
+    def update_fn(updates, state, params=None, **extra_args):
+        # 8-bit slots that a wrapper (nnx.Optimizer) handed back as mappings of their
+        # fields are QuantizedArrays again: the same data, not another configuration.
+        state = quantization.restore(state)
+        template = updates if params is None else params
+        leaves, treedef = jax.tree.flatten(template, is_leaf=is_leaf_gradient)
+        key = (treedef, tuple(None if x is None else (x.shape, jnp.dtype(x.dtype)) for x in leaves))
+        if key not in cache:
+            stand_in = [
+                None if x is None else jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype))
+                for x in leaves
+            ]
+            cache[key] = jax.eval_shape(tx.init, treedef.unflatten(stand_in))
+        check_state_matches(
+            state, cache[key], where if params is not None else f"{where} (params shaped like grads)",
+            dtypes=params is not None,
+        )
+        return tx.update(updates, state, params, **extra_args)
+
+    checked = optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return _flat_rules.tag_factory(checked, "with_state_check", inner=original)

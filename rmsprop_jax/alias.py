@@ -168,7 +168,7 @@ def rmsprop(
     pieces.append(update if steps == 1 else transforms.accumulate_gradients(update, steps))
     if use_ema:
         pieces.append(transforms.ema(ema_momentum, ema_overwrite_frequency, steps))
-    return _flat_rules.with_extra_args(_chain(pieces))
+    return _checks.with_state_check(_chain(pieces), "rj.rmsprop")
 
 
 def _chain(pieces):

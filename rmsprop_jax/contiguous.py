@@ -643,7 +643,7 @@ def _plan(tx, assume_elementwise: bool) -> _Plan:
         """The flat version of a transform an rmsprop_jax factory built from ``arguments``."""
         if factory == "chain":
             return optax.chain(*(visit(piece) for piece in arguments["pieces"]))
-        if factory == "with_extra_args_support":
+        if factory in ("with_extra_args_support", "with_state_check"):  # the flat state is new
             return optax.with_extra_args_support(visit(arguments["inner"]))
         if factory == "scale_by_rmsprop":
             return _flat_rmsprop(tx)

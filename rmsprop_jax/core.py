@@ -416,6 +416,7 @@ def scale_by_rmsprop(
         )
         return new_updates, new_state
 
-    return _flat_rules.tag_factory(
+    tx = _flat_rules.tag_factory(
         optax.GradientTransformation(init_fn, update_fn), "scale_by_rmsprop"
     )
+    return _checks.with_state_check(tx, "rj.scale_by_rmsprop")

@@ -329,7 +329,7 @@ def test_structure_errors_still_name_the_leaf():
     params = {"w": jnp.zeros((128, 64)), "b": jnp.zeros((3,))}
     tx = rj.scale_by_rmsprop(accumulator_dtype="int8")
     state = tx.init(params)
-    with pytest.raises(ValueError, match="different tree structures"):
+    with pytest.raises(ValueError, match=r"state has \['velocity/b'\].*init has \['velocity/c'\]"):
         tx.update({"w": jnp.zeros((128, 64)), "c": jnp.zeros((3,))}, state)
 
 
