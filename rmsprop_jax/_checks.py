@@ -28,7 +28,7 @@ def concrete_float(value: Any) -> float | None:
         array = np.asarray(value)
     except Exception:  # noqa: BLE001 - any non-numeric object
         return None
-    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+    if array.size != 1 or not jnp.issubdtype(array.dtype, jnp.number):  # bfloat16 too
         return None
     return float(array.reshape(()))
 
@@ -267,6 +267,15 @@ def check_state_matches(state: Any, expected: Any, where: str, *, dtypes: bool =
             raise _state_mismatch(where, what, _options_deciding([name]))
 
 
+def _scalars_as_arrays(tree: Any) -> Any:
+    """Python and NumPy scalar leaves as arrays (optax accepts them; every slot needs a dtype)."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, (int, float, complex, np.number)) else x,
+        tree,
+        is_leaf=is_leaf_gradient,
+    )
+
+
 def with_state_check(tx: Any, where: str) -> Any:
     """``tx`` whose ``update`` first checks the state against ``tx.init`` (:func:`check_state_matches`).
 
@@ -281,14 +290,16 @@ def with_state_check(tx: Any, where: str) -> Any:
         # 8-bit slots that a wrapper (nnx.Optimizer) handed back as mappings of their
         # fields are QuantizedArrays again: the same data, not another configuration.
         state = quantization.restore(state)
+        updates, params = _scalars_as_arrays(updates), _scalars_as_arrays(params)
         template = updates if params is None else params
         leaves, treedef = jax.tree.flatten(template, is_leaf=is_leaf_gradient)
-        key = (treedef, tuple(None if x is None else (x.shape, jnp.dtype(x.dtype)) for x in leaves))
+        # Python scalars are leaves too (as in optax): shapes and dtypes through jnp.
+        key = (
+            treedef,
+            tuple(None if x is None else (jnp.shape(x), jnp.result_type(x)) for x in leaves),
+        )
         if key not in cache:
-            stand_in = [
-                None if x is None else jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype))
-                for x in leaves
-            ]
+            stand_in = [None if k is None else jax.ShapeDtypeStruct(*k) for k in key[1]]
             cache[key] = jax.eval_shape(tx.init, treedef.unflatten(stand_in))
         check_state_matches(
             state, cache[key], where if params is not None else f"{where} (params shaped like grads)",

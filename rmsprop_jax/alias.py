@@ -1,7 +1,5 @@
 """``rj.rmsprop``: Keras 3's RMSprop arguments and defaults as an optax transformation."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import numpy as np
@@ -11,7 +9,7 @@ from rmsprop_jax import _checks, _flat_rules, core, schedules, transforms
 
 
 def rmsprop(
-    learning_rate: core.ScalarOrSchedule = 0.001,
+    learning_rate: optax.ScalarOrSchedule = 0.001,
     rho: float = 0.9,
     momentum: float = 0.0,
     epsilon: float = 1e-7,

@@ -371,6 +371,16 @@ def ema_params(opt_state: Any) -> Any:
 _PRESENT: contextvars.ContextVar = contextvars.ContextVar("rj_contiguous_present", default=None)
 
 
+# Closures reach the variable only through these module-level functions, so a
+# transform pickles by value (cloudpickle) without the unpicklable ContextVar.
+def _present() -> Any:
+    return _PRESENT.get()
+
+
+def _set_present(present: Any) -> Any:
+    return _PRESENT.set(present)
+
+
 def _leaf_mask(layout: Layout, group: int, flags) -> jax.Array | None:
     """Bool mask over buffer ``group`` that is True on the leaves with ``flags[i]``; None: all."""
     segments = layout.segments(group)
@@ -414,7 +424,7 @@ def _select(flags, new: FlatParams, old) -> FlatParams:
 
 def _zero_absent(updates):
     """The update with zeros on the leaves that have no gradient (as a per-leaf None)."""
-    present = _PRESENT.get()
+    present = _present()
     if present is None or not isinstance(updates, FlatParams):
         return updates
     return _select(present, updates, 0)
@@ -433,7 +443,7 @@ def _flat_rmsprop(original: optax.GradientTransformation) -> optax.GradientTrans
         return state
 
     def update_fn(updates, state, params=None):
-        present = _PRESENT.get()
+        present = _present()
         updates = _zero_absent(updates)
         new_updates, new_state = original.update(updates, state, params)
         if present is None:
@@ -518,7 +528,7 @@ def _flat_weight_decay(weight_decay, learning_rate, schedule, decayed_mask):
             raise _checks.params_required("add_decoupled_weight_decay")
         lr = learning_rate if schedule is None else schedule(state.count)
         flags = _decay_flags(decayed_mask, params.layout, params.unflatten())
-        present = _PRESENT.get()
+        present = _present()
         if present is not None:
             flags = tuple(f and p for f, p in zip(flags, present))
         out = []
@@ -555,7 +565,7 @@ def _flat_ema(original: optax.GradientTransformation) -> optax.GradientTransform
     def update_fn(updates, state, params=None):
         updates = _zero_absent(updates)
         result = original.update(updates, state, params)
-        _PRESENT.set(None)  # every leaf has an update from here on (zeros, or the overwrite)
+        _set_present(None)  # every leaf has an update from here on (zeros, or the overwrite)
         return result
 
     return optax.GradientTransformation(original.init, update_fn)

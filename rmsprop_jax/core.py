@@ -47,6 +47,7 @@ Numerics that other implementations get wrong, guaranteed here:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
@@ -97,6 +98,12 @@ def _storage_dtype(dtype, accumulator_dtype, *, real: bool) -> jnp.dtype:
     if jnp.issubdtype(arithmetic, jnp.complexfloating):
         return jnp.promote_types(accumulator_dtype, jnp.complex64)
     return jnp.dtype(accumulator_dtype)
+
+
+@functools.partial(jax.jit, inline=True)
+def _bias_denominator(rho: Any, count: jax.Array) -> jax.Array:
+    """``1 - rho**count``, compiled as optax compiles its bias correction (eager == jit)."""
+    return 1 - rho**count
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
@@ -341,7 +348,8 @@ def scale_by_rmsprop(
         nesterov=nesterov,
         lr_in_momentum=lr_in_momentum,
         maximize=maximize,
-        guard_zero_denominator=_checks.is_static_zero(epsilon),
+        # A traced epsilon (optax.inject_hyperparams) may be 0: keep the 0/0 guard then.
+        guard_zero_denominator=_checks.concrete_float(epsilon) in (None, 0.0),
     )
 
     def slots_like(params, fill, *, real, quantize=False):
@@ -376,11 +384,17 @@ def scale_by_rmsprop(
         lr = schedule(state.count) if schedule is not None else learning_rate
         bias_denominator = None
         if bias_correction:
-            bias_denominator = 1 - rho ** optax.safe_increment(state.count)
+            bias_denominator = _bias_denominator(rho, optax.safe_increment(state.count))
 
         def leaf(path, g, v, a, m):
             if g is None:
                 return None, v, a, m
+            if v is None:
+                raise ValueError(
+                    f"grads leaf {_checks.path_name(path)!r} has a gradient, but its parameter "
+                    "was None when the state was built, so it has no slots: pass None as its "
+                    "gradient (a frozen leaf), or build the state with the parameter present"
+                )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _checks.path_name(path))
                 v = quantization.dequantize(v, jnp.shape(g))

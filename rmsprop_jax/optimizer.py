@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -121,6 +122,21 @@ class RMSprop:
             return kwargs[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __copy__(self) -> RMSprop:
+        """A copy with its own configuration: changing one (``exclude_from_weight_decay``)
+        leaves the other alone. The transform is rebuilt around the copied configuration."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._kwargs = dict(self._kwargs)
+        new._build()
+        return new
+
+    def __deepcopy__(self, memo: dict) -> RMSprop:
+        new = self.__copy__()
+        new._kwargs = copy.deepcopy(self._kwargs, memo)
+        new._build()
+        return new
+
     def init(self, params: optax.Params) -> RMSpropOptimizerState:
         """Creates the optimizer state (Keras ``build``)."""
         return self.tx.init(params)
@@ -207,6 +223,12 @@ class RMSprop:
                 "This optimizer was created with a schedule as its learning_rate, hence its "
                 "learning rate is not settable (as in Keras); create it with a float."
             )
+        if not isinstance(value, jax.core.Tracer):
+            if isinstance(value, (str, bytes, bool)) or _checks.concrete_float(value) is None:
+                raise TypeError(f"learning_rate must be a real number, got {value!r}")
+            _checks.check_range("learning_rate", value, 0.0)
+            if not np.isfinite(_checks.concrete_float(value)):
+                raise ValueError(f"learning_rate must be finite, got {value!r}")
         return opt_state._replace(learning_rate=jnp.asarray(value, jnp.float32))
 
     def finalize_variable_values(self, params, opt_state):

@@ -40,6 +40,10 @@ def _leaf_index(params: Any, order: Sequence[str] | None) -> list[int]:
     """For each leaf of ``params`` (tree order), its index in the torch parameter list."""
     paths = [_checks.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if order is None:
+        if paths and all(p.isdigit() for p in paths):
+            # {"0": w0, ..., "11": w11}: the numbers are torch's indices; the tree's own order
+            # is the string order "0", "1", "10", "11", "2", ... (same-shaped slots would swap).
+            return [int(p) for p in paths]
         return list(range(len(paths)))
     position = {name: i for i, name in enumerate(order)}
     missing = [p for p in paths if p not in position]
@@ -72,7 +76,8 @@ def import_torch_state(
         not in our config), or a shape mismatch, naming the parameter.
     """
     index = _leaf_index(params, order)
-    torch_state = state_dict["state"]
+    # Keys are ints in torch, strings after a JSON round trip: the same parameter numbers.
+    torch_state = {int(k): v for k, v in state_dict["state"].items()}
     paths = [_checks.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
     def fill(s: core.RMSpropState) -> core.RMSpropState:

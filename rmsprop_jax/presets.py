@@ -17,8 +17,6 @@ optax       ``optax.rmsprop``                                             as its
 ==========  ===========================================================  ==================
 """
 
-from __future__ import annotations
-
 import functools
 import inspect
 from typing import Any
@@ -71,7 +69,7 @@ keras.__doc__ = (
 
 @_strict_kwargs
 def tf2(
-    learning_rate: Any = 0.001,
+    learning_rate: _optax.ScalarOrSchedule = 0.001,
     rho: float = 0.9,
     momentum: float = 0.0,
     epsilon: float | None = 1e-7,
@@ -142,7 +140,7 @@ def tf2(
 
 @_strict_kwargs
 def tf1(
-    learning_rate: Any,
+    learning_rate: _optax.ScalarOrSchedule,
     decay: float = 0.9,
     momentum: float = 0.0,
     epsilon: float = 1e-10,
@@ -185,14 +183,14 @@ def _coupled_l2_preamble(maximize: bool, weight_decay: float) -> list:
     pieces = []
     if maximize:
         pieces.append(_optax.scale(-1.0))
-    if weight_decay:
+    if not _checks.is_static_zero(weight_decay):  # traced under inject_hyperparams
         pieces.append(_optax.add_decayed_weights(weight_decay))
     return pieces
 
 
 @_strict_kwargs
 def torch(
-    lr: Any = 0.01,
+    lr: _optax.ScalarOrSchedule = 0.01,
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -236,11 +234,11 @@ def torch(
 
 @_strict_kwargs
 def oneflow(
-    lr: Any = 0.001,
+    lr: _optax.ScalarOrSchedule = 0.001,
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     centered: bool = False,
     clip_grad_max_norm: float | None = None,
     clip_grad_norm_type: float = 2.0,
@@ -261,7 +259,7 @@ def oneflow(
       >>> optax.apply_updates(p, tx.update(jnp.array([0.5]), s, p)[0])
       Array([0.9], dtype=float32)
     """
-    if momentum:
+    if not _checks.is_static_zero(momentum):  # a traced value could be anything: refused too
         raise ValueError(
             f"momentum={momentum!r}: oneflow.optim.RMSprop does not support momentum; "
             "use rj.presets.torch(momentum=...) for RMSprop with momentum"
@@ -279,7 +277,7 @@ def oneflow(
 
 @_strict_kwargs
 def optax(
-    learning_rate: Any,
+    learning_rate: _optax.ScalarOrSchedule,
     decay: float = 0.9,
     eps: float = 1e-8,
     initial_scale: float = 0.0,
@@ -312,7 +310,7 @@ def optax(
     return alias.rmsprop(
         learning_rate,
         decay,
-        momentum or 0.0,
+        0.0 if momentum is None else momentum,
         eps,
         centered,
         nesterov=nesterov and not _checks.is_static_zero(momentum),  # optax: no trace, no nesterov

@@ -62,7 +62,8 @@ def accumulate_gradients(
     def init_fn(params):
         return AccumulationState(
             count=jnp.zeros([], jnp.int32),
-            accumulators=jax.tree.map(jnp.zeros_like, params),
+            # Explicit dtype: weak-typed params must not give weak-typed sums (a second compile).
+            accumulators=jax.tree.map(lambda p: jnp.zeros_like(p, jnp.result_type(p)), params),
             inner_state=inner.init(params),
         )
 

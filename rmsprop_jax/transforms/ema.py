@@ -65,7 +65,7 @@ def ema(
     steps = gradient_accumulation_steps or 1
 
     def init_fn(params):
-        return EmaState(count=jnp.zeros([], jnp.int32), ema=jax.tree.map(jnp.array, params))
+        return EmaState(count=jnp.zeros([], jnp.int32), ema=jax.tree.map(_copy, params))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -79,6 +79,8 @@ def ema(
 
         def step(u, avg, w):
             """New (update, average) of one leaf; row-sparse updates touch their rows only."""
+            if w is None:  # a frozen (None) parameter has no average
+                return u, avg
             if isinstance(u, IndexedSlices):
                 new_u, new_rows = step(u.values, u.gather(avg), u.gather(w))
                 return u.replace_values(new_u), u.scatter(avg, new_rows)
@@ -93,12 +95,23 @@ def ema(
         is_leaf = lambda x: x is None or isinstance(x, IndexedSlices)  # noqa: E731
         pairs = jax.tree.map(step, updates, state.ema, params, is_leaf=is_leaf)
         treedef = jax.tree.structure(updates, is_leaf=is_leaf)
-        new_updates, new_ema = (
-            treedef.unflatten(col) for col in zip(*treedef.flatten_up_to(pairs))
-        )
+        columns = list(zip(*treedef.flatten_up_to(pairs))) or [(), ()]  # no leaves: nothing to do
+        new_updates, new_ema = (treedef.unflatten(column) for column in columns)
         return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
     return _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "ema")
+
+
+def _copy(p: Any) -> Any:
+    """The EMA's start: a copy of the parameter, never weak-typed (its type must not change).
+
+    A ``jax.ShapeDtypeStruct`` (shape-only init, as optax's sharding tests do)
+    gives zeros of its shape, dtype and sharding: the first step overwrites the
+    average with the weights anyway.
+    """
+    if isinstance(p, jax.ShapeDtypeStruct):
+        return jnp.zeros(p.shape, p.dtype, out_sharding=p.sharding)
+    return jnp.array(p, dtype=jnp.result_type(p))
 
 
 def ema_params(opt_state: Any) -> Any:
