@@ -21,6 +21,18 @@ stored exactly (code 255 = 1.0), and so is 0 (code 0), so a zero gradient
 keeps a zero state and never makes a NaN (an all-zero block has absmax 0 and
 is divided by 1 instead).
 
+**Outliers stay in their element.** A non-finite new ``v`` (a gradient
+element whose square overflows float32, such as 1e20, or an inf or NaN
+gradient) is stored as its block's largest finite value (float32's largest
+value when the block has no other non-zero value); the block's other codes
+and its absmax are what they would be without it. The step that met it used
+the exact float32 ``v`` (inf: that element does not move, as with float32
+state). Afterwards float32 state keeps ``v = inf`` and freezes the element for
+good, while 8-bit state holds a large finite ``v`` and lets it move again with
+small steps: never a NaN where float32 state is finite, and never a NaN
+spread to the 255 other elements of the block (as a plain blockwise absmax
+would: ``inf / inf``).
+
 **The dynamic map** (Dettmers, *8-Bit Approximations for Parallelism in Deep
 Learning*, 2016; bitsandbytes ``create_dynamic_map(signed=False)``, the map
 its 8-bit optimizers use for their non-negative second state): a dynamic
@@ -205,9 +217,14 @@ def quantize(x: jax.Array) -> QuantizedArray:
     x = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
     n_blocks = _blocks(x.size)
     blocks = jnp.pad(x, (0, n_blocks * BLOCK_SIZE - x.size)).reshape(n_blocks, BLOCK_SIZE)
-    absmax = jnp.max(blocks, axis=1)
+    # A non-finite element (an overflowing g**2, an inf or NaN gradient) saturates at its
+    # block's largest finite value, so it never touches the other elements' codes.
+    finite = jnp.isfinite(blocks)
+    absmax = jnp.max(jnp.where(finite, blocks, 0), axis=1)
+    saturate_at = jnp.where(absmax > 0, absmax, jnp.finfo(jnp.float32).max)  # none finite > 0
+    absmax = jnp.where(jnp.all(finite, axis=1), absmax, saturate_at)
     scale = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))  # all-zero block: 0 / 1, not 0 / 0
-    codes = quantize_codes(blocks / scale[:, None])
+    codes = quantize_codes(jnp.where(finite, blocks, absmax[:, None]) / scale[:, None])
     return QuantizedArray(codes=codes.reshape(-1), absmax=absmax)
 
 

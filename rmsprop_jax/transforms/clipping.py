@@ -57,15 +57,57 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
     )
 
 
+def _at_least_float32(g: jax.Array) -> jax.Array:
+    return g.astype(jnp.promote_types(g.dtype, jnp.float32))
+
+
+def _power_sum(arrays: list[jax.Array], p: float) -> jax.Array:
+    """sum(|x|^p) over every element of ``arrays`` (p = 2: sum(|x|^2), real for complex)."""
+    power = abs_sq if p == 2 else (lambda x: jnp.abs(x) ** p)
+    return sum(jnp.sum(power(_at_least_float32(x))) for x in arrays)
+
+
+def _root(total: jax.Array, p: float) -> jax.Array:
+    return jnp.sqrt(total) if p == 2 else total ** (1.0 / p)
+
+
+def _p_norm(arrays: list[jax.Array], p: float, plain: jax.Array | None = None) -> jax.Array:
+    """The p-norm of all of ``arrays``' elements, finite for finite inputs (p in (0, inf]).
+
+    The plain ``root(sum(|x|^p))`` (or ``plain``, the caller's form of it) is the
+    result whenever the sum is finite: the normal path costs nothing more. Only
+    when the sum overflows (|x| above ~1.8e19 for p = 2, or many large values)
+    is it recomputed as ``m * root(sum(|x / m|^p))`` with ``m = max |x|``; a
+    non-finite input keeps the plain (inf / NaN) result, as Keras and PyTorch.
+    """
+    if p == float("inf"):
+        return _max_abs(arrays)
+    total = _power_sum(arrays, p)
+    plain = _root(total, p) if plain is None else plain
+
+    def rescaled(_):
+        m = _max_abs(arrays)
+        safe_m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
+        scaled = m * _root(_power_sum([_at_least_float32(x) / safe_m for x in arrays], p), p)
+        return jnp.where(jnp.isfinite(m) & (m > 0), scaled, plain).astype(plain.dtype)
+
+    return jax.lax.cond(jnp.isfinite(total), lambda _: plain, rescaled, None)
+
+
+def _max_abs(arrays: list[jax.Array]) -> jax.Array:
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(_at_least_float32(x)), initial=0.0) for x in arrays]))
+
+
 def _square_sum(g: jax.Array) -> jax.Array:
     """sum(|g|^2) in float32 at least (real for complex g)."""
-    return jnp.sum(abs_sq(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
+    return _power_sum([g], 2)
 
 
 def _keras_norm(g: jax.Array) -> jax.Array:
-    """sqrt(sum(|g|^2)); 0 stays exactly 0 (Keras' two-tap where)."""
+    """sqrt(sum(|g|^2)); 0 stays exactly 0 (Keras' two-tap where); no overflow for finite g."""
     square_sum = _square_sum(g)
-    return jnp.where(square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum)
+    plain = jnp.where(square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum)
+    return _p_norm([g], 2, plain)
 
 
 def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
@@ -100,7 +142,7 @@ def global_norm(tree) -> jax.Array:
     leaves = dense_parts(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    return jnp.sqrt(sum(_square_sum(g) for g in leaves))
+    return _p_norm(leaves, 2)
 
 
 def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
@@ -155,17 +197,13 @@ def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTra
     _checks.check_range("norm_type", norm_type, 0.0, low_open=True)
     p = float(norm_type)
 
-    def leaf_norm(g):
-        x = jnp.abs(g.astype(jnp.promote_types(g.dtype, jnp.float32)))
-        return jnp.max(x) if p == float("inf") else jnp.sum(x**p) ** (1.0 / p)
-
     def update_fn(updates, state, params=None):
         del params
-        norms = [leaf_norm(g) for g in dense_parts(updates)]
+        # torch's two levels: the norm of the per-leaf norms (both overflow-safe).
+        norms = [_p_norm([g], p) for g in dense_parts(updates)]
         if not norms:
             return updates, state
-        norms = jnp.stack(norms)
-        total = jnp.max(norms) if p == float("inf") else jnp.sum(norms**p) ** (1.0 / p)
+        total = _p_norm([jnp.stack(norms)], p)
         scale = jnp.minimum(max_norm / (total + 1e-6), 1.0)
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
