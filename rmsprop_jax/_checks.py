@@ -171,6 +171,12 @@ def check_positive_int(name: str, value: Any) -> None:
     """None, or an integer >= 1 (bools rejected)."""
     if value is None:
         return
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+        raise ValueError(
+            f"{name} must be None or a Python integer >= 1, got the array {value!r}: it decides "
+            "the structure of the state, so it cannot be traced (with optax.inject_hyperparams, "
+            f"list it in static_args: inject_hyperparams(rj.rmsprop, static_args=({name!r},)))"
+        )
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     if value < 1:

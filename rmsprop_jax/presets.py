@@ -120,10 +120,11 @@ def tf2(
             return lr_now / (1.0 + decay * count)
 
     pieces = []
+    # TF 2.x clips an IndexedSlices' rows as given, before repeated rows are summed.
     if clipnorm:
-        pieces.append(transforms.clip_by_norm(clipnorm))
+        pieces.append(transforms.clip_by_norm(clipnorm, sum_duplicates=False))
     if clipvalue:
-        pieces.append(transforms.clip_by_value(clipvalue))
+        pieces.append(transforms.clip_by_value(clipvalue, sum_duplicates=False))
     pieces.append(
         core.scale_by_rmsprop(
             schedule,

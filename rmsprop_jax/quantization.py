@@ -224,7 +224,11 @@ def quantize(x: jax.Array) -> QuantizedArray:
     saturate_at = jnp.where(absmax > 0, absmax, jnp.finfo(jnp.float32).max)  # none finite > 0
     absmax = jnp.where(jnp.all(finite, axis=1), absmax, saturate_at)
     scale = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))  # all-zero block: 0 / 1, not 0 / 0
-    codes = quantize_codes(jnp.where(finite, blocks, absmax[:, None]) / scale[:, None])
+    # XLA:CPU divides through the reciprocal, which flushes to 0 above 2**126: scale huge
+    # blocks down by 2**-64 first (exact), so v near float32's maximum keeps its codes.
+    shrink = jnp.where(scale > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
+    values = jnp.where(finite, blocks, absmax[:, None]) * shrink[:, None]
+    codes = quantize_codes(values / (scale * shrink)[:, None])
     return QuantizedArray(codes=codes.reshape(-1), absmax=absmax)
 
 

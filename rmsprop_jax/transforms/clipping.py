@@ -21,16 +21,22 @@ from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import dense_parts, map_gradients
 
 
-def _tree_map(fn, tree):
-    """``fn`` per gradient; IndexedSlices are deduplicated first (norms of the dense gradient)."""
-    return map_gradients(fn, tree, deduplicate=True)
+def _tree_map(fn, tree, sum_duplicates: bool = True):
+    """``fn`` per gradient; IndexedSlices are deduplicated first (norms of the dense gradient)
+    unless ``sum_duplicates`` is False (TF 2.x clips the rows as given)."""
+    return map_gradients(fn, tree, deduplicate=sum_duplicates)
 
 
-def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
+
+def clip_by_value(clipvalue: float, *, sum_duplicates: bool = True) -> optax.GradientTransformation:
     """Keras ``clipvalue``: ``g = clip(g, -c, c)`` elementwise.
 
     Args:
       clipvalue: positive bound ``c``.
+      sum_duplicates: a row-sparse gradient's repeated rows are summed before
+        clipping (True: the dense gradient, as Keras 3 and ``rj.rmsprop``), or
+        clipped as given and summed later (False: TF 2.x's ``IndexedSlices``
+        path, ``rj.presets.tf2``).
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax as rj
@@ -49,7 +55,7 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return _tree_map(clip, updates), state
+        return _tree_map(clip, updates, sum_duplicates), state
 
     return _flat_rules.tag(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
@@ -110,7 +116,7 @@ def _keras_norm(g: jax.Array) -> jax.Array:
     return _p_norm([g], 2, plain)
 
 
-def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
+def clip_by_norm(clipnorm: float, *, sum_duplicates: bool = True) -> optax.GradientTransformation:
     """Keras ``clipnorm``: each tensor becomes ``g * c / max(||g||_2, c)``.
 
     Always applied (also when ``||g|| <= c``, where it divides by ``c`` after
@@ -118,6 +124,10 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
 
     Args:
       clipnorm: positive maximum norm ``c`` of each tensor.
+      sum_duplicates: a row-sparse gradient's repeated rows are summed before
+        the norm (True: the dense gradient's norm, as Keras 3 and
+        ``rj.rmsprop``), or the norm is taken over the rows as given (False:
+        TF 2.x's ``tf.clip_by_norm`` on ``IndexedSlices``, ``rj.presets.tf2``).
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax as rj
@@ -131,7 +141,7 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return _tree_map(clip, updates), state
+        return _tree_map(clip, updates, sum_duplicates), state
 
     tx = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
     return _flat_rules.tag_factory(tx, "clip_by_norm", clipnorm=clipnorm)
