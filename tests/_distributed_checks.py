@@ -331,6 +331,39 @@ def check_explicit_fsdp(ref):
     return _explicit_run(ref, rj.sharding.shard_leading_axis)
 
 
+def check_explicit_accumulation_from_unsharded_state(ref):
+    """State built from unsharded params, stepped with sharded ones (Explicit axes): the
+    accumulation's two cond branches must agree on the state's sharding."""
+    del ref
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import rmsprop_jax as rj
+
+    tx = rj.rmsprop(0.1, gradient_accumulation_steps=2, use_ema=True, momentum=0.5)
+    w = jnp.linspace(-1.0, 1.0, N_DEVICES * 16).reshape(N_DEVICES, 16)
+    grads = [w * (0.1 * (i + 1)) for i in range(4)]
+
+    def run(params, state, put):
+        step = jax.jit(tx.update)
+        for g in grads:
+            u, state = step({"w": put(g)}, state, params)
+            params = optax.apply_updates(params, u)
+        return np.asarray(params["w"])
+
+    want = run({"w": w}, tx.init({"w": w}), lambda g: g)
+    mesh = rj.sharding.data_mesh(N_DEVICES, explicit=True)
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+        put = lambda a: jax.device_put(a, sharding)  # noqa: E731
+        got = run({"w": put(w)}, tx.init({"w": w}), put)  # the state: unsharded
+    return {"max_rel": float(np.max(np.abs(got - want)) / np.max(np.abs(want)))}
+
+
 CHECKS = {
     "pmap": check_pmap,
     "jit_replicated": check_jit_replicated,
@@ -340,6 +373,7 @@ CHECKS = {
     "zero1": check_zero1,
     "explicit_replicated": check_explicit_replicated,
     "explicit_fsdp": check_explicit_fsdp,
+    "explicit_accumulation_unsharded_state": check_explicit_accumulation_from_unsharded_state,
 }
 
 

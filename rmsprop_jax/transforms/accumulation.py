@@ -78,14 +78,17 @@ def accumulate_gradients(
 
         def apply(_):
             new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
-            return new_updates, inner_state, jax.tree.map(jnp.zeros_like, state.accumulators)
+            return new_updates, inner_state, jax.tree.map(jnp.zeros_like, sums)
 
         def accumulate(_):
-            shapes, _ = jax.eval_shape(
+            shapes, state_types = jax.eval_shape(
                 lambda: inner.update(mean, state.inner_state, params, **extra_args)
             )
             zeros = jax.tree.map(zeros_like_shape, shapes)  # None stays
-            return zeros, state.inner_state, sums
+            # Both branches return one type: a state built from unsharded params and
+            # stepped with sharded gradients (explicit mesh axes) takes the step's sharding.
+            kept = jax.tree.map(_with_type_of, state.inner_state, state_types)
+            return zeros, kept, sums
 
         new_updates, inner_state, accumulators = jax.lax.cond(
             is_update_step, apply, accumulate, None
@@ -98,6 +101,14 @@ def accumulate_gradients(
 
     tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
     return _flat_rules.tag_factory(tx, "accumulate_gradients", **arguments)
+
+
+def _with_type_of(x: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """``x`` resharded to ``target``'s sharding where their explicit-axis shardings differ."""
+    sharding = getattr(target, "sharding", None)
+    if sharding is None or jax.typeof(x).sharding == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)
 
 
 def _add(g, acc):
