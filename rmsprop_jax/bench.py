@@ -222,14 +222,27 @@ def hlo_summary(text: str) -> dict[str, Any]:
     fusions that read or write an array (not only scalars), i.e. the loops
     over memory; ``other_ops``: the other array-valued instructions of the
     entry computation (copies, sorts, scatters, ...), by opcode in
-    ``other_op_kinds``.
+    ``other_op_kinds``. Computations holding the norms' overflow fallback
+    (the ``lax.cond`` branch named ``rj_overflow_fallback``, run only when a
+    sum of squares overflows) are left out: they are not part of a step.
     """
     shapes: dict[str, str] = {}
     fusion_lines: list[tuple[str, str]] = []
     other: dict[str, int] = {}
     largest_other = 0
     in_entry = False
+    computation: list[tuple[str, str]] = []  # fusions of the computation being read
+
+    def close_computation(lines: list[str]) -> None:
+        if not any("rj_overflow_fallback" in line for line in lines):
+            fusion_lines.extend(computation)
+
+    lines_of_computation: list[str] = []
     for line in text.splitlines():
+        if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+            close_computation(lines_of_computation)
+            computation, lines_of_computation = [], []
+        lines_of_computation.append(line)
         if line.startswith("ENTRY"):
             in_entry = True
             continue
@@ -242,10 +255,11 @@ def hlo_summary(text: str) -> dict[str, Any]:
         name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)", line).group(1)
         shapes[name] = shape
         if op == "fusion":
-            fusion_lines.append((shape, line))
+            computation.append((shape, line))
         elif in_entry and op not in _TRIVIAL and _is_array(shape):
             other[op] = other.get(op, 0) + 1
             largest_other = max(largest_other, _elements(shape))
+    close_computation(lines_of_computation)
     passes = 0
     for shape, line in fusion_lines:
         args = line.split(" fusion(", 1)[1].split("), kind=", 1)[0]

@@ -500,15 +500,16 @@ def _flat_clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
             def rescaled(_, x=x, ids=ids, count=count, norms=norms):
                 # As rj.clip_by_norm: an overflowing sum of finite values is recomputed
                 # as m * sqrt(sum((x / m)^2)), m the segment's largest |x|.
-                m = jax.ops.segment_max(jnp.abs(x), ids, count, indices_are_sorted=True)
-                ok = jnp.isfinite(m) & (m > 0)
-                safe_m = jnp.where(ok, m, 1.0)
-                scaled = jax.ops.segment_sum(
-                    abs_sq(x / safe_m[ids]), ids, count, indices_are_sorted=True
-                )
-                return jnp.where(ok & ~jnp.isfinite(norms), m * jnp.sqrt(scaled), norms)
+                with jax.named_scope(transforms.clipping.OVERFLOW_FALLBACK):
+                    m = jax.ops.segment_max(jnp.abs(x), ids, count, indices_are_sorted=True)
+                    ok = jnp.isfinite(m) & (m > 0)
+                    safe_m = jnp.where(ok, m, 1.0)
+                    scaled = jax.ops.segment_sum(
+                        abs_sq(x / safe_m[ids]), ids, count, indices_are_sorted=True
+                    )
+                    return jnp.where(ok & ~jnp.isfinite(norms), m * jnp.sqrt(scaled), norms)
 
-            norms = jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda _: norms, rescaled, None)
+            norms = jax.lax.cond(jnp.all(jnp.isfinite(norms)), lambda _: norms, rescaled, None)
             per_element = norms[ids]
             out.append(
                 ((buffer * clipnorm) / jnp.maximum(per_element, clipnorm)).astype(buffer.dtype)
