@@ -409,12 +409,12 @@ class _Unit:
         self.avg = w0.copy()
         self.eavg = np.zeros_like(w0)
 
-    def event(self, g, lr, u_grad, n_update):
+    def event(self, g, lr, dg, n_update):
         """One RMSprop step of this unit with gradient ``g`` (float64) and learning rate ``lr``.
 
-        ``u_grad``: relative uncertainty of the gradient the library computed (its own
-        roundings of the accumulation mean / clipping); ``n_update``: the global number of
-        update steps including this one (the library's bias-correction count).
+        ``dg``: error bound of the gradient the library computed (0 where it is exactly ``g``;
+        see ``Model._in_dtype``); ``n_update``: the global number of update steps including
+        this one (the library's bias-correction count).
         """
         M = self.m_
         cfg = M.cfg
@@ -430,64 +430,63 @@ class _Unit:
         v, a, m = state["velocity"], state["average_gradient"], state["momentum"]
         rho, mu, eps = M.rho, M.ref_kwargs["momentum"], M.eps
         n = len(self.gs)
-        slot_ulp = M.slot_ulp
-        dg = u_grad * np.abs(g)
+        x = -g if cfg.maximize else g
 
-        # Slots: v = rho v + (1-rho) g^2 (a alike); float32 roundoff of the operations and of
-        # rho / 1-rho, the gradient's uncertainty, and one ulp of bfloat16 storage.
-        self.ev = (
+        # Slots: v = rho v + (1-rho) g^2 (a alike): the propagated error, the float32 roundoff
+        # of the operations and of rho / 1-rho, the gradient's uncertainty; then the storage.
+        err = (
             rho * self.ev
             + (1 - rho) * (2 * np.abs(g) * dg + dg * dg)
             + 6 * U32 * (rho * self.v + (1 - rho) * g * g)
-            + slot_ulp * v
         )
+        self.ev = self._stored(rho * self.v + (1.0 - rho) * (x * x), err, v)
         if a is not None:
-            self.ea = (
+            err = (
                 rho * self.ea
                 + (1 - rho) * dg
                 + 6 * U32 * (rho * np.abs(self.a) + (1 - rho) * np.abs(g))
-                + slot_ulp * np.abs(a)
             )
+            self.ea = self._stored(rho * self.a + (1.0 - rho) * x, err, a)
 
-        # The variance estimate and its error, then an interval for the denominator.
+        # The variance estimate and its error, then an interval for the denominator. (The
+        # float64 values are computed as the reference computes them, for the bound only.)
         if cfg.bias_correction:
-            c = 1 - rho**n
+            c = 1.0 - rho ** (n)
             dc = n * rho ** max(n - 1, 0) * M.d_rho + 4 * U32 * rho**n + U32 * c
+            v_hat = v / c
         else:
-            c, dc = 1.0, 0.0
-        v_hat = v / c
+            c, dc, v_hat = 1.0, 0.0, v
         e_var = self.ev / c + v_hat * dc / c + U32 * v_hat
         var = v_hat
         if a is not None:
-            a_hat = np.abs(a) / c
-            e_a_hat = self.ea / c + a_hat * dc / c + U32 * a_hat
-            e_var = e_var + 2 * a_hat * e_a_hat + e_a_hat**2 + 2 * U32 * (v_hat + a_hat**2)
-            var = np.maximum(v_hat - a_hat**2, 0.0)
+            a_hat = a / c if cfg.bias_correction else a
+            abs_a = np.abs(a_hat)
+            e_a_hat = self.ea / c + abs_a * dc / c + U32 * abs_a
+            e_var = e_var + 2 * abs_a * e_a_hat + e_a_hat**2 + 2 * U32 * (v_hat + abs_a * abs_a)
+            var = np.maximum(v_hat - a_hat * a_hat, 0.0)
 
         def den(x, e):
             return np.sqrt(x + e) if cfg.eps_in_sqrt else np.sqrt(x) + e
 
         den_ref = den(var, eps)
-        den_ref = np.where(den_ref == 0, 1.0, den_ref)  # the epsilon == 0 guard
+        den_ref = np.where(den_ref == 0.0, 1.0, den_ref)  # the epsilon == 0 guard
         den_lo = den(np.maximum(var - e_var, 0.0), max(eps - M.d_eps, 0.0)) * (1 - 4 * U32)
         den_hi = den(var + e_var, eps + M.d_eps) * (1 + 4 * U32)
-        num = np.abs(g) * (lr if (M.lr_in_momentum or mu == 0) else 1.0)
-        s = num / den_ref
+        lr_inside = M.lr_in_momentum or mu == 0
+        s_signed = (lr * x if lr_inside else x) / den_ref  # what the reference adds to m
+        s, num = np.abs(s_signed), np.abs(g) * (lr if lr_inside else 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             inv_lo = np.where(den_lo > 0, 1 / np.where(den_lo > 0, den_lo, 1.0), np.inf)
             spread = np.maximum(inv_lo - 1 / den_ref, 1 / den_ref - 1 / den_hi)
-            err_s = np.where(num == 0, 0.0, num * spread) + s * (6 * U32 + u_grad)
+            dnum = dg * (lr if lr_inside else 1.0)
+            err_s = np.where(num + dnum == 0, 0.0, (num + dnum) * spread) + dnum / den_ref
+            err_s = err_s + s * 6 * U32
 
         # Momentum buffer and the step.
         if mu > 0:
             m_prev = np.abs(self.m)
-            self.em = (
-                mu * self.em
-                + err_s
-                + M.d_mu * m_prev
-                + 3 * U32 * (mu * m_prev + s)
-                + slot_ulp * np.abs(m)
-            )
+            err = mu * self.em + err_s + M.d_mu * m_prev + 3 * U32 * (mu * m_prev + s)
+            self.em = self._stored(mu * self.m + s_signed, err, m)
             inner = self.em
             if cfg.nesterov:
                 inner = err_s + mu * self.em + M.d_mu * np.abs(m) + 3 * U32 * np.abs(delta)
@@ -509,6 +508,23 @@ class _Unit:
         )
         self.w = w_new
         self.v, self.a, self.m = v, a, m
+
+    def _stored(self, pre, err, stored):
+        """The error bound of a slot after storage, given ``pre`` (the float64 value before
+        rounding, as the reference computes it), ``err`` (the bound of the library's value
+        before rounding) and ``stored`` (the reference's slot).
+
+        float32 storage: nothing to add (float32 roundoff is in ``err``). bfloat16 storage:
+        where every value within ``err`` of ``pre`` rounds to the same bfloat16 number, the
+        library stores exactly the reference's value (error 0: the common case, which keeps
+        the comparison tight); elsewhere the two may round apart, by one bfloat16 ulp.
+        """
+        store = self.m_.ref_kwargs["slot_dtype"]
+        if store is None:
+            return err
+        rounded = lambda y: np.asarray(y).astype(store).astype(np.float64)  # noqa: E731
+        same = (rounded(pre - err) == rounded(pre + err)) & (rounded(pre) == stored)
+        return np.where(same, 0.0, err + self.m_.slot_ulp * np.abs(stored))
 
     def ema(self, k):
         """The EMA update after a call that updated this unit (or a dense no-op call)."""
@@ -576,36 +592,38 @@ class Model:
         i, N = self.calls, cfg.steps
         self.calls += 1
         is_update = (i + 1) % N == 0
-        if cfg.loss_scale_factor is not None:
+        if cfg.loss_scale_factor is not None:  # powers of 2: exact
             grads64 = {k: None if g is None else g / cfg.loss_scale_factor for k, g in grads64.items()}
-        u_grad = {name: 0.0 for name in LEAVES}
+        # (gradient, error bound of the library's gradient) per leaf
+        inner = {k: None if g is None else (g, np.zeros_like(g)) for k, g in grads64.items()}
         if N > 1:
             sums = {k: self.acc[k] if g is None else self.acc[k] + g for k, g in grads64.items()}
             if is_update:
-                inner = {k: None if g is None else sums[k] / N for k, g in grads64.items()}
-                self.acc = {k: np.zeros_like(s) for k, s in sums.items()}
-                if N not in (1, 2, 4):  # sum / N rounded to the accumulator's (param) dtype
-                    for k, dtype in zip(LEAVES, self.layout.dtypes):
-                        u_grad[k] += 2 * _unit_roundoff(dtype)
+                # sum / N in the accumulator's (the param's) dtype; XLA may compute it as
+                # sum * (1/N) with 1/N rounded to that dtype: two roundings of the dtype.
+                inner = {
+                    k: None if g is None else self._in_dtype(sums[k] / N, self._u(k) * 2 * sums[k] / N, k)
+                    for k, g in grads64.items()
+                }
+                self.acc = {k: np.zeros_like(total) for k, total in sums.items()}
             else:
                 inner = None
                 self.acc = sums
-        else:
-            inner = grads64
         stepped = {name: set() for name in LEAVES}
         if inner is not None:
             self.n_update += 1
-            inner = self._clip(inner, u_grad)
-            for name, g in inner.items():
-                if g is None:
+            inner = self._clip(inner)
+            for name, gd in inner.items():
+                if gd is None:
                     continue
+                g, dg = gd
                 units = self.units[name]
                 if name == "emb" and self.lazy:
                     for r in touched:
-                        units[r].event(g[r], lr, u_grad[name], self.n_update)
+                        units[r].event(g[r], lr, dg[r], self.n_update)
                         stepped[name].add(r)
                 else:
-                    units[0].event(g, lr, u_grad[name], self.n_update)
+                    units[0].event(g, lr, dg, self.n_update)
                     stepped[name].add(0)
         if cfg.use_ema:
             k = 0.0 if i // N == 0 else cfg.ema_momentum
@@ -616,26 +634,57 @@ class Model:
                         unit.ema(k_eff)
         return stepped
 
-    def _clip(self, grads, u_grad):
+    def _u(self, name):
+        return _unit_roundoff(self.layout.dtypes[list(LEAVES).index(name)])
+
+    def _in_dtype(self, x, err, name):
+        """A gradient the library computes to within ``err`` of ``x`` and stores in the leaf's
+        dtype: (the value fed to the reference, the error bound of the library's gradient).
+
+        The rounding to the dtype may also be skipped: XLA may keep excess precision across a
+        convert (it folds ``(x / 3).astype(bf16).astype(f32)`` into one float32 product on
+        CPU), so the bound covers both the rounded and the unrounded value.
+        """
+        dtype = self.layout.dtypes[list(LEAVES).index(name)]
+        np_dtype = _NP_DTYPES[dtype]
+        rounded = lambda y: np.asarray(y).astype(np_dtype).astype(np.float64)  # noqa: E731
+        err = np.abs(err)
+        fed = rounded(x)
+        same = rounded(x - err) == rounded(x + err)  # else round(lib) may be fed's neighbour
+        ulp = float(ml_dtypes.finfo(np_dtype).eps) * np.abs(x) + 2 * _tiny(dtype)
+        return fed, np.abs(x - fed) + err + np.where(same, 0.0, ulp)
+
+    def _clip(self, grads):
         cfg = self.cfg
         if cfg.clip is None:
             return grads
         kind, c = cfg.clip
-        live = {k: g for k, g in grads.items() if g is not None}
-        if kind == "clipvalue":
-            return {k: None if g is None else np.clip(g, -c, c) for k, g in grads.items()}
-        # Norm clipping: the library's float32 norm (a sum over <= 40 elements), the scale and
-        # the product rounded to the gradient's dtype.
-        for k, dtype in zip(LEAVES, self.layout.dtypes):
-            u_grad[k] += 48 * U32 + 2 * _unit_roundoff(dtype)
+        if kind == "clipvalue":  # c is on the gradient grid: exact
+            return {k: None if gd is None else (np.clip(gd[0], -c, c), gd[1]) for k, gd in grads.items()}
+        # Norm clipping: g * scale rounded to the gradient's dtype. The library's float32 scale
+        # is within 48 ulps of the float64 one (a norm of <= 40 elements, a division), plus what
+        # the gradient's own error does to the norm. Scale 1 (the norm below c) is exact.
+        def scaled(k, g, dg, scale, rel):
+            return self._in_dtype(g * scale, (rel * np.abs(g) + dg) * scale, k)
+
+        out = {}
         if kind == "clipnorm":
-            return {
-                k: None if g is None else g * c / max(np.sqrt(np.sum(g * g)), c)
-                for k, g in grads.items()
-            }
-        total = np.sqrt(sum(float(np.sum(g * g)) for g in live.values()))
+            for k, gd in grads.items():
+                if gd is None:
+                    out[k] = None
+                    continue
+                g, dg = gd
+                norm = np.sqrt(np.sum(g * g))
+                scale = c / max(norm, c)
+                rel = 0.0 if norm <= c else 48 * U32 + np.sqrt(np.sum(dg * dg)) / norm
+                out[k] = scaled(k, g, dg, scale, rel)
+            return out
+        live = [gd for gd in grads.values() if gd is not None]
+        total = np.sqrt(sum(float(np.sum(g * g)) for g, _ in live))
         scale = c * min(1 / total, 1 / c) if total > 0 else 1.0
-        return {k: None if g is None else g * scale for k, g in grads.items()}
+        d_total = np.sqrt(sum(float(np.sum(dg * dg)) for _, dg in live))
+        rel = 0.0 if total <= c else 48 * U32 + d_total / total
+        return {k: None if gd is None else scaled(k, *gd, scale, rel) for k, gd in grads.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -891,7 +940,9 @@ class RMSpropMachine(RuleBasedStateMachine):
         emas = rj.ema_params(self.state) if self.cfg.use_ema else None
         for name, dtype in zip(LEAVES, self.layout.dtypes):
             slack = _SLACK[dtype]
-            slot_slack = _SLACK[self.cfg.accumulator_dtype or "float32"]
+            # Slots: 1e-5 for both storages. bfloat16 slots are compared exactly where the
+            # bound says the library must have stored the reference's value (see _stored).
+            slot_slack = _SLACK["float32"]
             param = _f64(_get(self.params, name))
             lib_v = _f64(_get(core.velocity, name))
             lib_a = None if core.average_gradient is None else _f64(_get(core.average_gradient, name))
