@@ -169,10 +169,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Simulated CPU devices are threads of one process. On a 2-core machine also running the other
+# pytest worker, one device's thread can start a collective more than XLA:CPU's default 40 s
+# after the others, and XLA then aborts the process (seen once in CI: "Expected 8 threads to join
+# the rendezvous, but only 7 of them arrived on time"). Slowness, not a wrong result: wait longer.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+
+
 def with_host_devices(count: int, env: dict | None = None) -> dict:
     """A copy of ``env`` (default os.environ) whose XLA_FLAGS simulate ``count`` CPU devices."""
     env = dict(os.environ if env is None else env)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={count}".strip()
+    env["XLA_FLAGS"] = (
+        f"{flags.strip()} --xla_force_host_platform_device_count={count} {PATIENT_COLLECTIVES}"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     return env

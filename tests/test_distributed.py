@@ -344,7 +344,7 @@ def test_demo_devices_flag_trains_data_parallel(tmp_path):
     from rmsprop_jax import demo
 
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the demo must ask for the devices itself
+    env["XLA_FLAGS"] = common.PATIENT_COLLECTIVES  # the demo must ask for the devices itself
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "rmsprop_jax", "demo", "--devices", "8", "--epochs", "2",
@@ -378,6 +378,7 @@ def test_demo_devices_reruns_when_jax_already_started(tmp_path, capfd):
         # 8 devices, as test_demo_devices_flag_trains_data_parallel: with 2 the child died
         # twice in CI runs under load (SIGABRT; once after a 600 s stuck-collective timeout, so
         # a hang, not slowness), never when run alone; the 8-device demo has never failed.
+        mp.setenv("XLA_FLAGS", common.PATIENT_COLLECTIVES)  # inherited by the rerun child
         mp.chdir(tmp_path)
         code = demo.main(
             ["--devices", "8", "--epochs", "1", "--no-progress", "-o", str(tmp_path / "r.png")]

@@ -351,8 +351,9 @@ def _sharding_env() -> dict:
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = (
-        f"{flags.strip()} --xla_force_host_platform_device_count={SHARDING_DEVICES}".strip()
-    )
+        f"{flags.strip()} --xla_force_host_platform_device_count={SHARDING_DEVICES} "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=900"  # see _sharding_common
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env[_CHILD_ENV] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(rj.__file__)))
