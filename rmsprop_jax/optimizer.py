@@ -302,30 +302,7 @@ class RMSprop:
         return self._sync_counters(jax.tree.map(lambda x: replacement.get(id(x), x), opt_state))
 
     def _sync_counters(self, opt_state):
-        """Derives every transform's private step counter from Keras' ``iteration``.
-
-        Keras saves one counter; the transforms each keep their own (the
-        accumulation phase, the EMA's first-step rule, schedules inside the
-        accumulation). Loading Keras variables must set them all, or a resumed
-        run would restart its accumulation cycle and schedules from zero.
-        """
-        calls = opt_state.iterations
-        updates_done = calls // self._steps
-        counted = (core.RMSpropState, WeightDecayState)
-
-        def inner(x):
-            if isinstance(x, counted) and x.count is not None:
-                return x._replace(count=updates_done.astype(x.count.dtype))
-            return x
-
-        def outer(x):
-            if isinstance(x, (AccumulationState, EmaState)):
-                return x._replace(count=calls.astype(x.count.dtype))
-            return x
-
-        state = jax.tree.map(inner, opt_state, is_leaf=lambda x: isinstance(x, counted))
-        outer_types = (AccumulationState, EmaState)
-        return jax.tree.map(outer, state, is_leaf=lambda x: isinstance(x, outer_types))
+        return sync_counters(opt_state, opt_state.iterations, self._steps)
 
     def save_own_variables(self, opt_state, store: dict) -> None:
         """Keras ``save_own_variables``: ``store[str(i)]`` = i-th variable."""
@@ -408,3 +385,32 @@ def _serialize_learning_rate(value: Any) -> Any:
 
 def _find(opt_state: Any, cls: type) -> Any:
     return _checks.find_state(opt_state, cls, "RMSprop")
+
+
+def sync_counters(opt_state: Any, calls: Any, steps: int) -> Any:
+    """Sets every transform's private step counter in ``opt_state`` from Keras' ``iteration``.
+
+    Keras saves one counter (``calls``, its raw ``iterations``); the
+    transforms each keep their own: the accumulation phase and the EMA's
+    first-step rule count calls, the RMSprop step (bias correction, schedules)
+    and weight decay count update steps (``calls // steps`` under gradient
+    accumulation of ``steps``). Loading Keras variables must set them all, or a
+    resumed run would restart its accumulation cycle and schedules from zero.
+    """
+    calls = jnp.asarray(calls)
+    updates_done = calls // steps
+    counted = (core.RMSpropState, WeightDecayState)
+
+    def inner(x):
+        if isinstance(x, counted) and x.count is not None:
+            return x._replace(count=updates_done.astype(x.count.dtype))
+        return x
+
+    def outer(x):
+        if isinstance(x, (AccumulationState, EmaState)):
+            return x._replace(count=calls.astype(x.count.dtype))
+        return x
+
+    state = jax.tree.map(inner, opt_state, is_leaf=lambda x: isinstance(x, counted))
+    outer_types = (AccumulationState, EmaState)
+    return jax.tree.map(outer, state, is_leaf=lambda x: isinstance(x, outer_types))
