@@ -79,11 +79,34 @@ class RMSprop:
     """
 
     def __init__(
-        self, learning_rate: Any = 0.001, *args: Any, name: str = "rmsprop", **kwargs: Any
+        self,
+        learning_rate: optax.ScalarOrSchedule = 0.001,
+        rho: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-7,
+        centered: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str = "rmsprop",
+        *,
+        exclude_from_weight_decay: Any = None,
+        nesterov: bool = False,
+        eps_in_sqrt: bool = True,
+        lr_in_momentum: bool = True,
+        initial_accumulator_value: float = 0.0,
+        bias_correction: bool = False,
+        maximize: bool = False,
+        accumulator_dtype: Any = None,
     ):
-        bound = inspect.signature(alias.rmsprop).bind(learning_rate, *args, **kwargs)
-        bound.apply_defaults()
-        self._kwargs = dict(bound.arguments)
+        arguments = dict(locals())
+        self._kwargs = {key: arguments[key] for key in _rmsprop_kwargs()}
         self.name = name
         self._build()
 
@@ -115,12 +138,6 @@ class RMSprop:
         self.tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     # -- attributes as in Keras -----------------------------------------------------------------
-
-    def __getattr__(self, name: str) -> Any:
-        kwargs = self.__dict__.get("_kwargs", {})
-        if name in kwargs and name != "learning_rate":
-            return kwargs[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __copy__(self) -> RMSprop:
         """A copy with its own configuration: changing one (``exclude_from_weight_decay``)
@@ -364,6 +381,28 @@ class RMSprop:
             if v != inspect.signature(alias.rmsprop).parameters[k].default
         }
         return f"RMSprop({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def _option(name: str) -> property:
+    def read(self: RMSprop) -> Any:
+        return self._kwargs[name]
+
+    def refuse(self: RMSprop, value: Any) -> None:
+        hint = " (the learning rate: set_learning_rate)" if name == "learning_rate" else ""
+        raise AttributeError(
+            f"RMSprop.{name} is read-only: the transform was built with {name}="
+            f"{self._kwargs[name]!r}; create a new rj.RMSprop({name}={value!r}, ...){hint}"
+        )
+
+    return property(read, refuse, doc=f"``{name}`` as given (read-only).")
+
+
+# Keras' attributes (rho, momentum, clipnorm, use_ema, ...) and our knobs, read-only: the
+# transform is built from them once, so an assignment would silently change nothing.
+for _name in _rmsprop_kwargs():
+    if not hasattr(RMSprop, _name):  # learning_rate, exclude_from_weight_decay: methods, as Keras
+        setattr(RMSprop, _name, _option(_name))
+del _name
 
 
 def _is_zero(value: Any) -> bool:

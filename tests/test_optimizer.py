@@ -7,6 +7,7 @@ Expectations come from a float64 NumPy model of Keras 3's RMSprop written from
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import jax
@@ -667,3 +668,21 @@ def test_inject_hyperparams_changes_without_recompiling():
         w_np = w_np - m
         close(w, w_np, rtol=2e-6, atol=1e-7)
     assert step._cache_size() == 1
+
+
+def test_signature_and_attributes_are_keras_rmsprops():
+    """``rj.RMSprop`` has Keras RMSprop's parameters (in order) and reads its attributes."""
+    keras_parameters = list(inspect.signature(keras.optimizers.RMSprop).parameters)
+    ours = inspect.signature(rj.RMSprop).parameters
+    assert list(ours)[: len(keras_parameters) - 1] == keras_parameters[:-1]  # then **kwargs
+    config = dict(
+        learning_rate=0.01, rho=0.8, momentum=0.5, epsilon=1e-6, centered=True,
+        weight_decay=0.01, global_clipnorm=1.0, use_ema=True, ema_momentum=0.9,
+        ema_overwrite_frequency=5, loss_scale_factor=8.0, gradient_accumulation_steps=2,
+    )  # fmt: skip
+    opt, theirs = rj.RMSprop(**config), keras.optimizers.RMSprop(**config)
+    for name in [*theirs.get_config(), "rho", "momentum", "epsilon", "centered"]:
+        if name not in ("name", "learning_rate"):  # learning_rate(state): it lives in the state
+            assert getattr(opt, name) == getattr(theirs, name), name
+    with pytest.raises(AttributeError, match=r"momentum is read-only.*rj.RMSprop\(momentum=0.9"):
+        opt.momentum = 0.9
