@@ -206,19 +206,19 @@ class RMSprop(keras.optimizers.Optimizer):
     ):
         if accumulator_dtype is not None and accumulator_dtype != "int8":
             accumulator_dtype = jnp.dtype(accumulator_dtype).type
-        options = dict(
-            rho=rho,
-            momentum=momentum,
-            epsilon=epsilon,
-            centered=centered,
-            nesterov=nesterov,
-            eps_in_sqrt=eps_in_sqrt,
-            lr_in_momentum=lr_in_momentum,
-            initial_accumulator_value=initial_accumulator_value,
-            bias_correction=bias_correction,
-            maximize=maximize,
-            accumulator_dtype=accumulator_dtype,
-        )
+        options = {
+            "rho": rho,
+            "momentum": momentum,
+            "epsilon": epsilon,
+            "centered": centered,
+            "nesterov": nesterov,
+            "eps_in_sqrt": eps_in_sqrt,
+            "lr_in_momentum": lr_in_momentum,
+            "initial_accumulator_value": initial_accumulator_value,
+            "bias_correction": bias_correction,
+            "maximize": maximize,
+            "accumulator_dtype": accumulator_dtype,
+        }
         learning_rate = _keras_learning_rate(learning_rate)
         # Our checks first (they name the argument and the value), with the full option set.
         rmsprop(
@@ -312,9 +312,7 @@ class RMSprop(keras.optimizers.Optimizer):
         # Lists of model variables bypass Keras' attribute tracking, which would count them
         # as optimizer variables (Keras' build is decorated to the same effect).
         object.__setattr__(self, "_trainable_variables", variables[:])
-        self._trainable_variables_indices = {
-            self._var_key(v): i for i, v in enumerate(variables)
-        }
+        self._trainable_variables_indices = {self._var_key(v): i for i, v in enumerate(variables)}
         # Variables overwritten with their gradient have no slots (Keras).
         stepped = [v for v in variables if not self._overwrite_variable_with_gradient(v)]
         object.__setattr__(self, "_rj_stepped", stepped)
@@ -428,7 +426,9 @@ class RMSprop(keras.optimizers.Optimizer):
         gradients = {}
         for key, v in zip(self._rj_keys, self._rj_stepped):
             g = by_key.get(self._var_key(v))
-            gradients[key] = g if g is None or isinstance(g, IndexedSlices) else jnp.asarray(g, v.dtype)
+            gradients[key] = (
+                g if g is None or isinstance(g, IndexedSlices) else jnp.asarray(g, v.dtype)
+            )
         learning_rate = self.learning_rate
         learning_rate = jnp.asarray(getattr(learning_rate, "value", learning_rate))
         if not jnp.issubdtype(learning_rate.dtype, jnp.floating):

@@ -94,7 +94,9 @@ def test_fit_matches_keras_rmsprop(config):
     theirs, their_loss = _fit(keras.optimizers.RMSprop(**config))
     _assert_weights_close(ours.get_weights(), theirs.get_weights())
     np.testing.assert_allclose(our_loss, their_loss, rtol=RTOL)
-    assert int(np.asarray(ours.optimizer.iterations)) == int(np.asarray(theirs.optimizer.iterations))
+    assert int(np.asarray(ours.optimizer.iterations)) == int(
+        np.asarray(theirs.optimizer.iterations)
+    )
     # Keras RMSprop's variables: the same names, shapes and dtypes in the same order.
     assert [(v.name, v.shape, v.dtype) for v in ours.optimizer.variables] == [
         (v.name, v.shape, v.dtype) for v in theirs.optimizer.variables
@@ -173,7 +175,7 @@ def test_keras_optional_at_import():
 # -- the seams around fit: callbacks, learning-rate changes, attributes, saving -----------------
 
 
-def _fit_both(config, callbacks=lambda: [], epochs=3, **fit_kwargs):
+def _fit_both(config, callbacks=list, epochs=3, **fit_kwargs):
     """fit with ours and with keras.optimizers.RMSprop (fresh callbacks each): weights, losses."""
     results = []
     for cls in (RMSprop, keras.optimizers.RMSprop):
@@ -192,7 +194,7 @@ def _fit_both(config, callbacks=lambda: [], epochs=3, **fit_kwargs):
 
 
 def test_fit_with_learning_rate_scheduler_matches_keras():
-    halve = lambda: [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5)]  # noqa: E731
+    halve = lambda: [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5)]
     ours, history, _, their_history = _fit_both({"learning_rate": 0.02, "momentum": 0.5}, halve)
     np.testing.assert_allclose(history["learning_rate"], [0.01, 0.005, 0.0025], rtol=1e-7)
     np.testing.assert_allclose(history["learning_rate"], their_history["learning_rate"])
@@ -211,7 +213,7 @@ def test_fit_with_reduce_lr_on_plateau_matches_keras():
 def test_fit_with_swap_ema_weights_matches_keras():
     x, y = _data()
     config = {"learning_rate": 0.02, "use_ema": True, "ema_momentum": 0.8}
-    swap = lambda: [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]  # noqa: E731
+    swap = lambda: [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
     _, history, _, their_history = _fit_both(config, swap, validation_data=(x[:16], y[:16]))
     np.testing.assert_allclose(history["val_loss"], their_history["val_loss"], rtol=RTOL)
 
@@ -278,7 +280,7 @@ def test_learning_rate_assignment_is_data_not_a_recompilation():
 def test_learning_rate_forms_match_keras():
     import optax
 
-    decay = dict(decay_steps=4, decay_rate=0.5)
+    decay = {"decay_steps": 4, "decay_rate": 0.5}
     exponential = keras.optimizers.schedules.ExponentialDecay(0.05, **decay)
     ours, _ = _fit(RMSprop(learning_rate=optax.exponential_decay(0.05, 4, 0.5)), epochs=2)
     theirs, _ = _fit(keras.optimizers.RMSprop(learning_rate=exponential), epochs=2)
@@ -304,23 +306,25 @@ def test_learning_rate_forms_match_keras():
 
 
 def test_attributes_are_keras_rmsprops():
-    config = dict(
-        learning_rate=0.01, rho=0.8, momentum=0.5, epsilon=1e-6, centered=True,
-        weight_decay=0.01, clipnorm=1.0, use_ema=True, ema_momentum=0.9,
-        ema_overwrite_frequency=5, loss_scale_factor=8.0, gradient_accumulation_steps=2,
-    )  # fmt: skip
+    config = {
+        "learning_rate": 0.01, "rho": 0.8, "momentum": 0.5, "epsilon": 1e-6, "centered": True,
+        "weight_decay": 0.01, "clipnorm": 1.0, "use_ema": True, "ema_momentum": 0.9,
+        "ema_overwrite_frequency": 5, "loss_scale_factor": 8.0, "gradient_accumulation_steps": 2,
+    }  # fmt: skip
     ours, theirs = RMSprop(**config), keras.optimizers.RMSprop(**config)
     names = [*theirs.get_config(), "rho", "momentum", "epsilon", "centered"]
     names.remove("name")  # auto-numbered: rm_sprop, rm_sprop_1, ...
     for name in names:
         assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.get_config().items() >= {
-        k: v for k, v in theirs.get_config().items() if k != "name"
-    }.items()
+    assert (
+        ours.get_config().items()
+        >= {k: v for k, v in theirs.get_config().items() if k != "name"}.items()
+    )
     assert ours.global_clipnorm is None and ours.clipvalue is None
-    assert list(inspect.signature(RMSprop).parameters)[:15] == list(
-        inspect.signature(keras.optimizers.RMSprop).parameters
-    )[:15]
+    assert (
+        list(inspect.signature(RMSprop).parameters)[:15]
+        == list(inspect.signature(keras.optimizers.RMSprop).parameters)[:15]
+    )
 
 
 def test_float8_training_matches_keras():
@@ -345,7 +349,11 @@ def exclude_biases(params):
 
 
 def test_callable_exclusion_saves_and_reloads(tmp_path):
-    config = {"learning_rate": 0.02, "weight_decay": 0.5, "exclude_from_weight_decay": exclude_biases}
+    config = {
+        "learning_rate": 0.02,
+        "weight_decay": 0.5,
+        "exclude_from_weight_decay": exclude_biases,
+    }
     full, _ = _fit(RMSprop(**config), epochs=2)
     first, _ = _fit(RMSprop(**config), epochs=1)
     path = os.fspath(tmp_path / "m.keras")

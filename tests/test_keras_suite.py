@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import unittest
-from typing import Any
+from typing import Any, ClassVar
 from unittest import mock
 
 import numpy as np
@@ -40,9 +40,9 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "jax":  # pragma: no cover
     pytest.skip("needs KERAS_BACKEND=jax", allow_module_level=True)
 
-import keras.src.optimizers as keras_optimizers  # noqa: E402  (the module the tests import)
+import keras.src.optimizers as keras_optimizers
 
-from rmsprop_jax.keras_optimizer import RMSprop  # noqa: E402
+from rmsprop_jax.keras_optimizer import RMSprop
 
 RTOL, ATOL = 1e-6, 1e-7
 
@@ -77,7 +77,11 @@ NOT_APPLICABLE = {
         f"trainer_test::test_fit_with_data_adapter_{variant}": reason
         for reason, variants in {
             "needs the grain data loader (not an optimizer dependency); the same fit runs with "
-            "the other data adapters": ("grain_dataloader", "grain_dataset", "grain_dataset_with_len"),
+            "the other data adapters": (
+                "grain_dataloader",
+                "grain_dataset",
+                "grain_dataset_with_len",
+            ),
             "Keras skips it on JAX: multiprocessing not supported with the JAX backend": (
                 "py_dataset_multiprocessing",
                 "py_dataset_multiprocessing_cw",
@@ -129,7 +133,7 @@ class _Run:
     """Whose RMSprop the optimizers built now are: "keras" (reference run) or "ours"."""
 
     who = "ours"
-    records: list = []
+    records: ClassVar[list] = []
     position = 0
     depth = 0
 
@@ -233,7 +237,7 @@ def _snapshot(value: Any) -> Any:
         return None  # not compared between runs (attribute names differ by class)
     try:
         array = np.array(getattr(value, "value", value))
-    except Exception:
+    except (TypeError, ValueError):  # an object without an array form
         return None
     return array if array.dtype.kind in "biuf" else None
 
@@ -349,7 +353,6 @@ def _run_once(cls: type, name: str, call: Any = None) -> None:
 
 def _sparse_call(name: str, module: Any) -> Any:
     case_name = next(c for c in sorted(SPARSE_CASES, key=len, reverse=True) if name.endswith(c))
-    base = name[: -len(case_name) - 1]
     params = next(dict(c) for c in module.TEST_CASES if c["testcase_name"] == case_name)
     params.pop("testcase_name")
     params["optimizer_class"] = RMSprop
@@ -408,13 +411,17 @@ def test_differential_run_detects_a_different_optimizer():
     _, cls, _ = _load("optimizer_test")
     adapted = _adapted(cls)
     module = importlib.import_module(MODULES["optimizer_test"][0])
-    with mock.patch.dict(module.__dict__, {"optimizers": _OptimizersModule()}):
-        with mock.patch.object(keras_optimizers, "get", _get):
-            _Run.who, _Run.records, _Run.position = "keras", [], 0
+    with (
+        mock.patch.dict(module.__dict__, {"optimizers": _OptimizersModule()}),
+        mock.patch.object(keras_optimizers, "get", _get),
+    ):
+        _Run.who, _Run.records, _Run.position = "keras", [], 0
+        _run_once(adapted, "test_callable_learning_rate")
+        _Run.who = "ours"
+        other_rho = lambda **kwargs: RMSprop(**{**kwargs, "rho": 0.5})  # Keras' rho is 0.9
+        with (
+            mock.patch(f"{__name__}._rmsprop", other_rho),
+            pytest.raises(AssertionError, match="ours vs keras.optimizers.RMSprop"),
+        ):
             _run_once(adapted, "test_callable_learning_rate")
-            _Run.who = "ours"
-            other_rho = lambda **kwargs: RMSprop(**{**kwargs, "rho": 0.5})  # noqa: E731
-            with mock.patch(f"{__name__}._rmsprop", other_rho):  # Keras' rho is 0.9
-                with pytest.raises(AssertionError, match="ours vs keras.optimizers.RMSprop"):
-                    _run_once(adapted, "test_callable_learning_rate")
     _Run.who = "ours"

@@ -675,11 +675,11 @@ def test_signature_and_attributes_are_keras_rmsprops():
     keras_parameters = list(inspect.signature(keras.optimizers.RMSprop).parameters)
     ours = inspect.signature(rj.RMSprop).parameters
     assert list(ours)[: len(keras_parameters) - 1] == keras_parameters[:-1]  # then **kwargs
-    config = dict(
-        learning_rate=0.01, rho=0.8, momentum=0.5, epsilon=1e-6, centered=True,
-        weight_decay=0.01, global_clipnorm=1.0, use_ema=True, ema_momentum=0.9,
-        ema_overwrite_frequency=5, loss_scale_factor=8.0, gradient_accumulation_steps=2,
-    )  # fmt: skip
+    config = {
+        "learning_rate": 0.01, "rho": 0.8, "momentum": 0.5, "epsilon": 1e-6, "centered": True,
+        "weight_decay": 0.01, "global_clipnorm": 1.0, "use_ema": True, "ema_momentum": 0.9,
+        "ema_overwrite_frequency": 5, "loss_scale_factor": 8.0, "gradient_accumulation_steps": 2,
+    }  # fmt: skip
     opt, theirs = rj.RMSprop(**config), keras.optimizers.RMSprop(**config)
     for name in [*theirs.get_config(), "rho", "momentum", "epsilon", "centered"]:
         if name not in ("name", "learning_rate"):  # learning_rate(state): it lives in the state
