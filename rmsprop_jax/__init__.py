@@ -1,10 +1,12 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
 from rmsprop_jax import porting, presets, schedules, sharding, transforms
-from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
+from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
+from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
 from rmsprop_jax.transforms import (
     accumulate_gradients,
     add_decoupled_weight_decay,
@@ -21,15 +23,12 @@ from rmsprop_jax.transforms import (
     on_touched_rows,
     unscale_gradients,
 )
-from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
 from rmsprop_jax.utils import apply_updates
-from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IndexedSlices",
-    "value_and_sparse_grad",
     "RMSprop",
     "RMSpropOptimizerState",
     "RMSpropState",
@@ -46,17 +45,18 @@ __all__ = [
     "ema",
     "ema_params",
     "global_norm",
-    "on_touched_rows",
-    "loss_scale",
-    "rmsprop",
-    "rmsprop_leaf_update",
-    "scale_by_rmsprop",
     "label_leaves",
+    "loss_scale",
+    "on_touched_rows",
     "param_groups",
     "porting",
     "presets",
+    "rmsprop",
+    "rmsprop_leaf_update",
+    "scale_by_rmsprop",
     "schedules",
     "sharding",
     "transforms",
     "unscale_gradients",
+    "value_and_sparse_grad",
 ]

@@ -26,7 +26,7 @@ def concrete_float(value: Any) -> float | None:
         return None
     try:
         array = np.asarray(value)
-    except Exception:  # noqa: BLE001 - any non-numeric object
+    except Exception:  # any non-numeric object
         return None
     if array.size != 1 or not jnp.issubdtype(array.dtype, jnp.number):  # bfloat16 too
         return None
@@ -75,7 +75,7 @@ def params_required(transform: str) -> ValueError:
 
 def is_leaf_gradient(x: Any) -> bool:
     """Leaves that must not be descended into: None (a missing gradient) and IndexedSlices."""
-    from rmsprop_jax.sparse import IndexedSlices  # noqa: PLC0415 - sparse imports nothing of ours
+    from rmsprop_jax.sparse import IndexedSlices  # sparse imports nothing of ours
 
     return x is None or isinstance(x, IndexedSlices)
 
@@ -123,7 +123,7 @@ def check_same_structure(grads: Any, reference: Any, reference_name: str = "para
 
 def check_inexact_leaves(tree: Any, what: str) -> None:
     """Raises TypeError naming the first leaf that is not float or complex (or a malformed IndexedSlices)."""
-    from rmsprop_jax.sparse import check_sparse_leaves  # noqa: PLC0415 - sparse imports nothing of ours
+    from rmsprop_jax.sparse import check_sparse_leaves  # sparse imports nothing of ours
 
     check_sparse_leaves(tree, what)
     for path, leaf in flatten_with_none(tree)[0]:
@@ -138,11 +138,11 @@ def check_inexact_leaves(tree: Any, what: str) -> None:
             )
 
 
-def map_leaves(fn: Callable, grads: Any, *trees: Any) -> list:
+def map_leaves(fn: Callable, grads: Any, *trees: Any) -> tuple[list, Any]:
     """Applies ``fn(path, g, *slots)`` to each leaf of ``grads``; None grads give None.
 
     Slot trees that are None (an absent slot) are passed as None for every leaf.
-    Returns the flat list of results; rebuild with ``unflatten``.
+    Returns the flat list of results and the treedef to rebuild them with.
     """
     leaves, treedef = flatten_with_none(grads)
     flat = [treedef.flatten_up_to(t) if t is not None else [None] * len(leaves) for t in trees]
@@ -237,7 +237,7 @@ def check_state_matches(state: Any, expected: Any, where: str, *, dtypes: bool =
     want_leaves, want_def = jax.tree_util.tree_flatten_with_path(
         expected, is_leaf=lambda x: x is None
     )
-    if got_def != want_def:
+    if got_def != want_def:  # type: ignore[operator]  # PyTreeDef's stub lacks __ne__
         got_paths = [path_name(p) for p, _ in got_leaves]
         want_paths = [path_name(p) for p, _ in want_leaves]
         only_got = [p for p in got_paths if p not in want_paths]
@@ -254,7 +254,9 @@ def check_state_matches(state: Any, expected: Any, where: str, *, dtypes: bool =
             options = _options_deciding(fields) or _options_deciding(only_got + only_want)
             raise _state_mismatch(where, what, options)
         raise _state_mismatch(
-            where, f"same leaves, other containers: the state is {got_def}, init gives {want_def}", ""
+            where,
+            f"same leaves, other containers: the state is {got_def}, init gives {want_def}",
+            "",
         )
     for (path, got), (_, want) in zip(got_leaves, want_leaves):
         mismatch = (got is None) != (want is None) or (
@@ -308,7 +310,9 @@ def with_state_check(tx: Any, where: str) -> Any:
             stand_in = [None if k is None else jax.ShapeDtypeStruct(*k) for k in key[1]]
             cache[key] = jax.eval_shape(tx.init, treedef.unflatten(stand_in))
         check_state_matches(
-            state, cache[key], where if params is not None else f"{where} (params shaped like grads)",
+            state,
+            cache[key],
+            where if params is not None else f"{where} (params shaped like grads)",
             dtypes=params is not None,
         )
         return tx.update(updates, state, params, **extra_args)

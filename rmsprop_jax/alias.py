@@ -125,7 +125,7 @@ def rmsprop(
     # Schedules are read at Keras' raw iteration count, also by the pieces that
     # only run on accumulation update steps.
     schedule = schedules.as_schedule(learning_rate)
-    inner_lr = learning_rate if schedule is None else schedules.shifted(schedule, steps)
+    inner_lr: Any = learning_rate if schedule is None else schedules.shifted(schedule, steps)
 
     update_pieces = []
     if clipnorm:

@@ -187,12 +187,13 @@ def _split_instruction(line: str) -> tuple[str, str] | None:
     rest = line[m.end() :]
     if rest.startswith("("):  # tuple shape: skip the balanced parentheses
         depth = 0
-        for i, ch in enumerate(rest):
+        end = 0
+        for end, ch in enumerate(rest):  # noqa: B007 (end is read after the loop)
             depth += ch == "("
             depth -= ch == ")"
             if depth == 0:
                 break
-        shape, rest = rest[: i + 1], rest[i + 1 :].lstrip()
+        shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     op = re.match(r"([\w\-]+)\(", rest)
@@ -280,7 +281,7 @@ def compiled_stats(compiled: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         out.update(hlo_summary(compiled.as_text()))
-    except Exception as err:  # noqa: BLE001 - diagnostics only
+    except Exception as err:  # diagnostics only
         out["hlo_error"] = repr(err)
     try:
         cost = compiled.cost_analysis()
@@ -288,7 +289,7 @@ def compiled_stats(compiled: Any) -> dict[str, Any]:
             cost = cost[0] if cost else {}
         out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
         out["flops"] = float(cost.get("flops", float("nan")))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         out["cost_error"] = repr(err)
     try:
         mem = compiled.memory_analysis()
@@ -303,7 +304,7 @@ def compiled_stats(compiled: Any) -> dict[str, Any]:
             alias_bytes=alias,
             peak_bytes=arg + res + temp - alias,
         )
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         out["memory_error"] = repr(err)
     return out
 
@@ -645,7 +646,7 @@ def sparse_api():
         if cls is None:
             cls = getattr(importlib.import_module("rmsprop_jax.sparse"), "IndexedSlices", None)
         return cls
-    except Exception:  # noqa: BLE001 - anything missing means "not yet"
+    except Exception:  # anything missing means "not yet"
         return None
 
 
@@ -761,7 +762,7 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
                 ratio_to="floor-sparse",
             )
             contenders.append(c)
-            import optax  # noqa: PLC0415 - the seam users meet: optax's own apply_updates
+            import optax  # the seam users meet: optax's own apply_updates
 
             contenders.append(
                 _jax_contender(
@@ -773,7 +774,7 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
                     ratio_to="floor-sparse",
                 )
             )
-        except Exception as err:  # noqa: BLE001 - API in progress: skip with a note
+        except Exception as err:  # API in progress: skip with a note
             notes.append(f"rj-sparse skipped: {type(err).__name__}: {str(err)[:200]}")
     return n, contenders, notes
 
@@ -864,7 +865,7 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
                 failed.append((name, "n/a", str(err)))
             except ImportError as err:
                 failed.append((name, "n/a", f"not installed: {err}"))
-            except Exception as err:  # noqa: BLE001 - one broken contender must not stop the run
+            except Exception as err:  # one broken contender must not stop the run
                 failed.append((name, "error", f"{type(err).__name__}: {str(err)[:300]}"))
         del host_params, grad_sets
     measure(contenders, repeats, target_s)

@@ -70,7 +70,7 @@ def _check_torch(rng, configs: int, steps: int) -> float:
         lrs = rng.choice([1e-3, 1e-2], size=steps).astype(np.float32)
         params, grads = _data(rng, steps)
         tensors = [torch.tensor(p, requires_grad=True) for p in params]
-        opt = torch.optim.RMSprop(tensors, lr=float(lrs[0]), **cfg)
+        opt = torch.optim.RMSprop(tensors, lr=float(lrs[0]), **cfg)  # type: ignore[arg-type]
         theirs = []
         for k, g in enumerate(grads):
             opt.param_groups[0]["lr"] = float(lrs[k])  # a scheduler's write
@@ -78,7 +78,7 @@ def _check_torch(rng, configs: int, steps: int) -> float:
                 t.grad = torch.tensor(gk)
             opt.step()
             theirs.append([t.detach().numpy().copy() for t in tensors])
-        tx = presets.torch(lr=lambda count: jnp.asarray(lrs)[count], **cfg)
+        tx = presets.torch(lr=lambda count, lrs=lrs: jnp.asarray(lrs)[count], **cfg)
         ours = _run_ours(
             tx, [jnp.asarray(p) for p in params], [[jnp.asarray(x) for x in g] for g in grads]
         )

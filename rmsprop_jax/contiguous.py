@@ -266,9 +266,9 @@ class FlatParams:
 def _concat(layout: Layout, leaves: list, dtypes_checked: bool = True) -> tuple:
     """One buffer per group from the flat list of leaves (None: zeros)."""
     buffers = []
-    for g, (name, size) in enumerate(layout.groups):
+    for g, (name, _size) in enumerate(layout.groups):
         parts = []
-        for i, offset, n in layout.segments(g):
+        for i, _offset, n in layout.segments(g):
             leaf = leaves[i]
             if leaf is None:
                 parts.append(jnp.zeros((n,), name))
@@ -509,7 +509,9 @@ def _flat_clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
                     )
                     return jnp.where(ok & ~jnp.isfinite(norms), m * jnp.sqrt(scaled), norms)
 
-            norms = jax.lax.cond(jnp.all(jnp.isfinite(norms)), lambda _: norms, rescaled, None)
+            norms = jax.lax.cond(
+                jnp.all(jnp.isfinite(norms)), lambda _, norms=norms: norms, rescaled, None
+            )
             per_element = norms[ids]
             out.append(
                 ((buffer * clipnorm) / jnp.maximum(per_element, clipnorm)).astype(buffer.dtype)

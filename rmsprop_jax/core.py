@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -60,7 +60,7 @@ import optax
 from rmsprop_jax import _checks, _flat_rules, quantization, schedules
 from rmsprop_jax.sparse import IndexedSlices
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 #: Storage dtypes ``accumulator_dtype`` accepts (None: the arithmetic dtype).
 SUPPORTED_ACCUMULATOR_DTYPES = ("float32", "bfloat16")
@@ -70,7 +70,7 @@ class RMSpropState(NamedTuple):
     """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
     # int32 scalar: steps taken; only when a schedule or bias correction reads it.
-    count: chex.Array | None
+    count: chex.Array | None  # type: ignore[assignment]  # shadows tuple.count, as optax's states
     # Mean of |g|^2, real dtype (float32 for float16 / bfloat16 / float32 / complex64 params).
     velocity: optax.Updates
     # Mean of g (centered only): g's dtype, float32 at least.
@@ -177,6 +177,7 @@ def rmsprop_leaf_update(
     variance = v
     a = None
     if centered:
+        assert average_gradient is not None, "centered RMSprop has an average_gradient slot"
         a = _as_stored(rho * average_gradient.astype(x.dtype) + one_minus_rho * x, average_gradient)
     if bias_correction_denominator is not None:
         variance = variance / bias_correction_denominator.astype(v.dtype)
@@ -184,11 +185,9 @@ def rmsprop_leaf_update(
     else:
         a_hat = a
     if centered:
+        assert a_hat is not None
         variance = jnp.maximum(variance - abs_sq(a_hat), 0)
-    if eps_in_sqrt:
-        denominator = jnp.sqrt(variance + epsilon)
-    else:
-        denominator = jnp.sqrt(variance) + epsilon
+    denominator = jnp.sqrt(variance + epsilon) if eps_in_sqrt else jnp.sqrt(variance) + epsilon
     if guard_zero_denominator:
         denominator = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
 
@@ -205,8 +204,8 @@ def rmsprop_leaf_update(
     return (
         (-step).astype(out_dtype),
         v.astype(velocity.dtype),
-        None if a is None else a.astype(average_gradient.dtype),
-        None if new_m is None else new_m.astype(momentum_buffer.dtype),
+        None if a is None else a.astype(a.dtype if average_gradient is None else average_gradient.dtype),
+        None if new_m is None or momentum_buffer is None else new_m.astype(momentum_buffer.dtype),
     )
 
 
@@ -230,14 +229,15 @@ def rmsprop_rows_update(
     first decay by ``rho``, as TF's sparse path scales the whole slot.
     """
     g = g.deduplicate()
-    rows = [
+    v_rows, a_rows, m_rows = (
         None if slot is None else g.gather(slot)
         for slot in (velocity, average_gradient, momentum_buffer)
-    ]
-    update, *new_rows = rmsprop_leaf_update(
-        g.values, *rows, learning_rate, bias_correction_denominator, **options
     )
-    slots = []
+    assert v_rows is not None  # the velocity slot always exists
+    update, *new_rows = rmsprop_leaf_update(
+        g.values, v_rows, a_rows, m_rows, learning_rate, bias_correction_denominator, **options
+    )
+    slots: list[jax.Array | None] = []
     for position, (slot, new) in enumerate(
         zip((velocity, average_gradient, momentum_buffer), new_rows)
     ):

@@ -233,7 +233,7 @@ def plot_curves(train_loss: list[float], test_accuracy: list[float], output: str
     ax_acc.tick_params(axis="y", labelcolor="tab:orange")
 
     lines = loss_line + acc_line
-    ax_loss.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax_loss.legend(lines, [str(line.get_label()) for line in lines], loc="center right")
     ax_loss.set_title("rmsprop_jax: MLP on sklearn digits")
 
     parent = os.path.dirname(os.path.abspath(output))

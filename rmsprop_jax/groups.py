@@ -25,9 +25,9 @@ def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = No
     naming the leaf.
     """
     compiled = []
-    for pattern, label in rules.items():
+    for pattern, group_name in rules.items():
         try:
-            compiled.append((re.compile(pattern), label))
+            compiled.append((re.compile(pattern), group_name))
         except re.error as err:
             raise ValueError(f"param_groups: invalid regex {pattern!r}: {err}") from None
 
@@ -72,15 +72,15 @@ def param_groups(
       >>> updates["kernel"][0] / updates["bias"][0]
       Array(100., dtype=float32)
     """
+    label_fn: Any
     if isinstance(labels, Mapping) and all(isinstance(v, str) for v in labels.values()):
         rules = dict(labels)
 
-        def label_fn(params):
+        def label_fn(params: Any) -> Any:
             # A flat dict with exactly the params' keys is a label pytree, not regexes
             # ({"w": ..., "w_bias": ...}: the regex "w" would also match "w_bias").
-            if jax.tree.structure(rules) == jax.tree.structure(
-                params, is_leaf=_checks.is_leaf_gradient
-            ):
+            flat = jax.tree.structure(params, is_leaf=_checks.is_leaf_gradient)
+            if jax.tree.structure(rules) == flat:  # type: ignore[operator]  # PyTreeDef stub
                 return rules
             return label_leaves(params, rules, default)
     else:

@@ -50,6 +50,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 if "keras" not in sys.modules:
     # Keras reads its backend once, at first import; this module needs JAX's.
@@ -338,7 +339,7 @@ class RMSprop(keras.optimizers.Optimizer):
 
         slots = []  # (group rank, model-variable index, tree position, name, leaf position)
         extra = []
-        for position, (path, leaf) in enumerate(leaves_with_path):
+        for position, (path, _) in enumerate(leaves_with_path):
             if derived[position]:
                 continue
             key_at = next(
@@ -463,6 +464,25 @@ class RMSprop(keras.optimizers.Optimizer):
         clipped, _ = clip.update(grads, clip.init(grads))
         return list(clipped)
 
+    def finalize_variable_values(self, var_list):
+        """With ``use_ema``, the weights become their averages (Keras), as copies.
+
+        Keras assigns the average's own buffer, so the weight and its average
+        share it, and the next ``fit`` fails to donate it twice
+        (``keras.optimizers.RMSprop`` does: train, then train again).
+        """
+        if not self.use_ema:
+            return
+        averages = self._model_variables_moving_average
+        if len(var_list) != len(averages):
+            raise ValueError(
+                f"finalize_variable_values: {len(var_list)} variables, but the optimizer was "
+                f"built on {len(averages)}; pass the model's trainable variables"
+            )
+        for variable, average in zip(var_list, averages, strict=True):
+            if average is not None:
+                variable.assign(jnp.array(average.value, copy=True))
+
     # -- our state -------------------------------------------------------------------------------
 
     @property
@@ -477,6 +497,41 @@ class RMSprop(keras.optimizers.Optimizer):
         if not self.built:
             raise ValueError("the optimizer is not built yet")
         return self._state(self._iterations.value)
+
+    # -- saving --------------------------------------------------------------------------------------
+
+    def load_own_variables(self, store):
+        """Keras' loading, which also reads checkpoints of rmsprop_jax <= 0.1.0.
+
+        Those stored ``iteration`` then every leaf of our state in tree order
+        (``rj_state_<i>``, step counters included). They are recognised by their
+        shapes and dtypes and mapped onto today's variables, so a resumed run
+        keeps its slots instead of Keras skipping them with a warning.
+        """
+        values = [store[str(i)] for i in range(len(store.keys()))]
+        legacy = self._legacy_layout() if self.built else None
+        current = [(tuple(v.shape), str(v.dtype)) for v in self.variables]
+        found = [(tuple(np.shape(x)), str(np.asarray(x).dtype)) for x in values]
+        if legacy is None or found == current or found != legacy:
+            return super().load_own_variables(store)
+        self._iterations.assign(values[0])
+        for position, value in enumerate(values[1:]):
+            variable = self._rj_state_variables.get(position)
+            if variable is not None:  # the counters are derived from iteration
+                variable.assign(value)
+        return None
+
+    def _legacy_layout(self) -> list[tuple]:
+        """(shape, dtype) of each variable as rmsprop_jax <= 0.1.0 stored them."""
+        layout = [((), str(self._iterations.dtype))]
+        for position in range(self._rj_treedef.num_leaves):
+            if position in self._rj_counter_dtypes:
+                shape, dtype = self._rj_counter_dtypes[position]
+                layout.append((tuple(shape), str(jnp.dtype(dtype))))
+            else:
+                variable = self._rj_state_variables[position]
+                layout.append((tuple(variable.shape), str(variable.dtype)))
+        return layout
 
     # -- serialization ---------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import chex
 import jax
@@ -228,7 +228,8 @@ class RMSprop:
     def learning_rate(self, opt_state: RMSpropOptimizerState) -> jax.Array:
         """The learning rate the next step uses (a schedule at Keras' raw iteration count)."""
         if self._float_lr:
-            return opt_state.learning_rate
+            return cast(jax.Array, opt_state.learning_rate)
+        assert self._schedule is not None  # not a float: a schedule
         return jnp.asarray(self._schedule(opt_state.iterations))
 
     def set_learning_rate(
@@ -241,10 +242,11 @@ class RMSprop:
                 "learning rate is not settable (as in Keras); create it with a float."
             )
         if not isinstance(value, jax.core.Tracer):
-            if isinstance(value, (str, bytes, bool)) or _checks.concrete_float(value) is None:
+            number = _checks.concrete_float(value)
+            if isinstance(value, (str, bytes, bool)) or number is None:
                 raise TypeError(f"learning_rate must be a real number, got {value!r}")
             _checks.check_range("learning_rate", value, 0.0)
-            if not np.isfinite(_checks.concrete_float(value)):
+            if not np.isfinite(number):
                 raise ValueError(f"learning_rate must be finite, got {value!r}")
         return opt_state._replace(learning_rate=jnp.asarray(value, jnp.float32))
 

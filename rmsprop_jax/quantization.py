@@ -138,12 +138,12 @@ class QuantizedArray(NamedTuple):
 
 def create_dynamic_map(max_exponent_bits: int = 7) -> np.ndarray:
     """The unsigned dynamic quantization map (see the module docstring): 256 sorted float32 in [0, 1]."""
-    values = [0.0, 1.0]
+    points: list[float] = [0.0, 1.0]
     for i in range(max_exponent_bits):
         cells = 2 ** (i + 1)
         centres = 0.1 + 0.9 * (np.arange(cells) + 0.5) / cells
-        values.extend(10.0 ** (i - (max_exponent_bits - 1)) * centres)
-    values = np.sort(np.asarray(values, np.float64)).astype(np.float32)
+        points.extend(10.0 ** (i - (max_exponent_bits - 1)) * centres)
+    values = np.sort(np.asarray(points, np.float64)).astype(np.float32)
     if values.shape != (256,) or not np.all(np.diff(values) > 0):
         raise AssertionError("the dynamic map must have 256 increasing values")
     return values

@@ -205,11 +205,11 @@ def state_sharding(tx: Any, params: Any, params_sharding: Any, mesh: Mesh | None
             raise ValueError(
                 "state_sharding: pass mesh= when params_sharding holds no NamedSharding"
             )
-        mesh = meshes[0]
-    whole = NamedSharding(mesh, PartitionSpec())
+        mesh = meshes[0]  # type: ignore[assignment]  # an AbstractMesh works as well here
+    whole = NamedSharding(mesh, PartitionSpec())  # type: ignore[arg-type]  # narrowed above
 
     def params_like(node) -> bool:
-        if jax.tree.structure(node) != params_def:
+        if jax.tree.structure(node) != params_def:  # type: ignore[operator]  # PyTreeDef stub
             return False
         return [np.shape(x) for x in jax.tree.leaves(node)] == param_shapes
 

@@ -64,7 +64,7 @@ def _refuse(*_: Any) -> Any:
 
 @functools.cache
 def _row_id_impl():
-    from jax.extend.random import define_prng_impl  # noqa: PLC0415 - only when first used
+    from jax.extend.random import define_prng_impl  # only when first used
 
     return define_prng_impl(
         key_shape=(1,),
@@ -169,7 +169,7 @@ class IndexedSlices:
     @classmethod
     def _from_row_ids(
         cls, row_ids: jax.Array, values: Any, dense_shape: tuple[int, ...], unique: bool
-    ) -> "IndexedSlices":
+    ) -> IndexedSlices:
         obj = object.__new__(cls)
         obj._row_ids, obj.values, obj.dense_shape, obj.unique = row_ids, values, dense_shape, unique
         return obj
@@ -230,11 +230,11 @@ class IndexedSlices:
     def num_rows(self) -> int:
         return self.dense_shape[0]
 
-    def replace_values(self, values: jax.Array) -> "IndexedSlices":
+    def replace_values(self, values: jax.Array) -> IndexedSlices:
         """The same rows with other values (same shape)."""
         return IndexedSlices._from_row_ids(self._row_ids, values, self.dense_shape, self.unique)
 
-    def deduplicate(self) -> "IndexedSlices":
+    def deduplicate(self) -> IndexedSlices:
         """Sorted unique rows, duplicate values summed; padding (index ``num_rows``) last, zero values.
 
         ``k`` stays fixed (static shapes under jit): O(k log k), nothing table-sized.

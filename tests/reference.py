@@ -78,13 +78,14 @@ dtypes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["reference_rmsprop", "ulp_distance", "assert_close"]
+__all__ = ["assert_close", "reference_rmsprop", "ulp_distance"]
 
-LearningRate = Union[float, Callable[[int], Any], Sequence[float]]
+LearningRate = float | Callable[[int], Any] | Sequence[float]
 
 
 def _lr_at(learning_rate: LearningRate, step: int) -> float:
@@ -216,16 +217,10 @@ def reference_rmsprop(
             a_hat = a
 
         # Variance estimate (clamped at 0 in centered mode).
-        if centered:
-            var = np.maximum(v_hat - _abs_sq(a_hat), 0.0)
-        else:
-            var = v_hat
+        var = np.maximum(v_hat - _abs_sq(a_hat), 0.0) if centered else v_hat
 
         # Denominator.
-        if eps_in_sqrt:
-            den = np.sqrt(var + epsilon)
-        else:
-            den = np.sqrt(var) + epsilon
+        den = np.sqrt(var + epsilon) if eps_in_sqrt else np.sqrt(var) + epsilon
         if epsilon == 0.0:
             den = np.where(den == 0.0, 1.0, den)
 
@@ -314,9 +309,9 @@ def ulp_distance(a, b, dtype=None) -> np.ndarray:
 
 def _as_numpy(x) -> np.ndarray:
     x = np.asarray(x)
-    if x.dtype.kind not in "fciub":  # e.g. bfloat16 from ml_dtypes
-        x = x.astype(np.float64)
-    elif x.dtype.kind in "f" and x.dtype.itemsize < 4:
+    if x.dtype.kind not in "fciub" or (
+        x.dtype.kind in "f" and x.dtype.itemsize < 4
+    ):  # e.g. bfloat16 from ml_dtypes
         x = x.astype(np.float64)
     return x
 

@@ -8,10 +8,11 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference_rmsprop
 
 import rmsprop_jax as rj
-from reference import reference_rmsprop
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -126,7 +127,7 @@ def test_complex_params_keep_real_velocity():
     assert state.average_gradient["z"].dtype == jnp.complex64
     assert state.momentum["z"].dtype == jnp.complex64
     g = {"z": jnp.full((4,), 3 + 4j, jnp.complex64)}
-    updates, state = jax.jit(tx.update)(g, state, params)
+    _updates, state = jax.jit(tx.update)(g, state, params)
     assert state.velocity["z"].dtype == jnp.float32
     np.testing.assert_allclose(state.velocity["z"], 0.1 * 25.0, rtol=1e-6)
 
@@ -299,7 +300,7 @@ def test_structure_mismatch_names_first_differing_path():
     params = {"dense": {"bias": jnp.ones(2), "kernel": jnp.ones((2, 2))}}
     state = tx.init(params)
     grads = {"dense": {"bias": jnp.ones(2), "kernal": jnp.ones((2, 2))}}
-    with pytest.raises(ValueError, match="dense/kernal.*dense/kernel"):
+    with pytest.raises(ValueError, match=r"dense/kernal.*dense/kernel"):
         tx.update(grads, state, params)
     with pytest.raises(ValueError, match="only params has 'dense/kernel'"):
         tx.update({"dense": {"bias": jnp.ones(2)}}, state, params)
@@ -311,9 +312,9 @@ def test_integer_and_boolean_leaves_raise_type_error_naming_path():
     tx = rj.rmsprop()
     params = {"w": jnp.ones(2), "step": jnp.ones(2)}
     state = tx.init(params)
-    with pytest.raises(TypeError, match="'step'.*int32"):
+    with pytest.raises(TypeError, match=r"'step'.*int32"):
         tx.update({"w": jnp.ones(2), "step": jnp.ones(2, jnp.int32)}, state, params)
-    with pytest.raises(TypeError, match="'mask'.*bool"):
+    with pytest.raises(TypeError, match=r"'mask'.*bool"):
         tx.init({"mask": jnp.ones(2, bool)})
 
 

@@ -16,6 +16,7 @@ relative).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -251,10 +252,8 @@ def _run_cluster(
             if p.poll() is None:
                 p.kill()
         for p in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # kill() is not ignorable
                 p.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # pragma: no cover - kill() is not ignorable
-                pass
 
 
 def test_multiprocess_data_parallel_equals_single_process(tmp_path):

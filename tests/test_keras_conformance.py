@@ -458,12 +458,12 @@ def _update_step_grads(case: Case):
     _, grads = _data(case)
     factor = case.kwargs.get("loss_scale_factor") or 1.0
     n = case.steps
-    out, acc = [], {k: 0.0 for k in NAMES}
+    out, acc = [], dict.fromkeys(NAMES, 0.0)
     for t, g in enumerate(grads):
         g = {k: np.asarray(v, np.float64) / factor for k, v in g.items()}
         if (t + 1) % n == 0:
             out.append({k: (g[k] + acc[k]) / n for k in NAMES})
-            acc = {k: 0.0 for k in NAMES}
+            acc = dict.fromkeys(NAMES, 0.0)
         else:
             acc = {k: acc[k] + g[k] for k in NAMES}
     return out

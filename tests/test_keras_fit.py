@@ -289,7 +289,7 @@ def test_learning_rate_forms_match_keras():
     assert float(np.asarray(ours.optimizer.learning_rate)) == pytest.approx(
         float(np.asarray(theirs.optimizer.learning_rate)), rel=1e-6
     )
-    with pytest.raises(TypeError, match="optax schedule.*LearningRateSchedule"):
+    with pytest.raises(TypeError, match=r"optax schedule.*LearningRateSchedule"):
         ours.optimizer.get_config()
     # A schedule or a callable assigned before fit is the one the steps use (as Keras).
     for value in (exponential, lambda: 0.03):
@@ -383,3 +383,25 @@ def test_keras_rmsprop_checkpoint_loads_into_ours():
     model.optimizer.set_weights(state)
     ours, _ = _fit(None, epochs=1, model=model)
     _assert_weights_close(ours.get_weights(), continued.get_weights(), SEAM_RTOL, 0)
+
+
+def test_checkpoint_of_the_previous_layout_loads():
+    """rmsprop_jax <= 0.1.0 stored iteration + every leaf of the state (counters included)."""
+    config = {"learning_rate": 0.01, "momentum": 0.5, "use_ema": True}
+    config["gradient_accumulation_steps"] = 3
+    trained, _ = _fit(RMSprop(**config), epochs=1)
+    optimizer = trained.optimizer
+    legacy = [np.array(optimizer._iterations.value)]
+    legacy += [np.array(leaf) for leaf in jax.tree.leaves(optimizer.opt_state)]
+    assert len(legacy) != len(optimizer.variables)  # EMA and accumulation counters, no lr
+
+    model = _model([np.array(w) for w in trained.get_weights()])
+    model.compile(optimizer=RMSprop(**config), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.load_own_variables({str(i): v for i, v in enumerate(legacy)})
+    for ours, theirs in zip(model.optimizer.variables, optimizer.variables, strict=True):
+        if ours.name != "learning_rate":  # not stored then: the constructor's value
+            np.testing.assert_array_equal(np.asarray(ours.value), np.asarray(theirs.value))
+    resumed, _ = _fit(None, epochs=1, model=model)
+    continued, _ = _fit(None, epochs=1, model=trained)
+    _assert_weights_close(resumed.get_weights(), continued.get_weights(), SEAM_RTOL, 0)

@@ -421,7 +421,7 @@ def test_differential_run_detects_a_different_optimizer():
         other_rho = lambda **kwargs: RMSprop(**{**kwargs, "rho": 0.5})  # Keras' rho is 0.9
         with (
             mock.patch(f"{__name__}._rmsprop", other_rho),
-            pytest.raises(AssertionError, match="ours vs keras.optimizers.RMSprop"),
+            pytest.raises(AssertionError, match=r"ours vs keras\.optimizers\.RMSprop"),
         ):
             _run_once(adapted, "test_callable_learning_rate")
     _Run.who = "ours"

@@ -491,7 +491,7 @@ def _generate(base, cases, impls, is_sharding=False):
     for impl_name, factory in impls.items():
         cls_name = f"Optax{base.__name__}_{impl_name}"
         # optax's other tests (other optimizers) are switched off in the subclass.
-        dct = {n: None for n in unittest.TestLoader().getTestCaseNames(base)}
+        dct = dict.fromkeys(unittest.TestLoader().getTestCaseNames(base))
         dct["skipTest"] = _skip_test_fails
         dct["__module__"] = __name__
         dct["__qualname__"] = cls_name

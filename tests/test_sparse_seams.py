@@ -211,7 +211,7 @@ def test_on_touched_rows_passes_dense_trees_through():
 def test_apply_if_finite_equals_rmsprop_and_rejects_non_finite_steps():
     grads = [sparse_grads(1.0), sparse_grads(-2.0)]
     wrapped, wrapped_state, _ = run(optax.apply_if_finite(rj.rmsprop(0.1), 2), grads)
-    plain, plain_state, _ = run(rj.rmsprop(0.1), grads)
+    plain, _plain_state, _ = run(rj.rmsprop(0.1), grads)
     jax.tree.map(np.testing.assert_array_equal, wrapped, plain)
     bad = sparse_grads()
     bad["e"] = bad["e"].replace_values(bad["e"].values.at[0, 0].set(jnp.nan))

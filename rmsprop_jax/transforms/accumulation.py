@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks, _flat_rules
-
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 from rmsprop_jax.utils import zeros_like_shape
 

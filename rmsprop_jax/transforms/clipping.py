@@ -12,6 +12,8 @@ from optax's clippers in exactly the ways Keras differs:
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +27,6 @@ def _tree_map(fn, tree, sum_duplicates: bool = True):
     """``fn`` per gradient; IndexedSlices are deduplicated first (norms of the dense gradient)
     unless ``sum_duplicates`` is False (TF 2.x clips the rows as given)."""
     return map_gradients(fn, tree, deduplicate=sum_duplicates)
-
 
 
 def clip_by_value(clipvalue: float, *, sum_duplicates: bool = True) -> optax.GradientTransformation:
@@ -75,7 +76,7 @@ def _at_least_float32(g: jax.Array) -> jax.Array:
 def _power_sum(arrays: list[jax.Array], p: float) -> jax.Array:
     """sum(|x|^p) over every element of ``arrays`` (p = 2: sum(|x|^2), real for complex)."""
     power = abs_sq if p == 2 else (lambda x: jnp.abs(x) ** p)
-    return sum(jnp.sum(power(_at_least_float32(x))) for x in arrays)
+    return cast(jax.Array, sum(jnp.sum(power(_at_least_float32(x))) for x in arrays))
 
 
 def _root(total: jax.Array, p: float) -> jax.Array:
@@ -120,7 +121,9 @@ def _square_sum(g: jax.Array) -> jax.Array:
 def _keras_norm(g: jax.Array) -> jax.Array:
     """sqrt(sum(|g|^2)); 0 stays exactly 0 (Keras' two-tap where); no overflow for finite g."""
     square_sum = _square_sum(g)
-    plain = jnp.where(square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum)
+    plain = jnp.where(
+        square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum
+    )
     return _p_norm([g], 2, plain)
 
 

@@ -92,7 +92,7 @@ def ema(
                 u = jnp.where(overwrite, (new_avg - w).astype(u.dtype), u)
             return u, new_avg
 
-        is_leaf = lambda x: x is None or isinstance(x, IndexedSlices)  # noqa: E731
+        is_leaf = lambda x: x is None or isinstance(x, IndexedSlices)
         pairs = jax.tree.map(step, updates, state.ema, params, is_leaf=is_leaf)
         treedef = jax.tree.structure(updates, is_leaf=is_leaf)
         columns = list(zip(*treedef.flatten_up_to(pairs))) or [(), ()]  # no leaves: nothing to do

@@ -36,19 +36,90 @@ __all__ = ["densify", "on_touched_rows"]
 
 # Primitives whose every output element depends on the same element of each input.
 _ELEMENTWISE = frozenset(
-    """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj
-    convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
-    expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p logistic lt max min
-    mul ne neg nextafter not or pow real reduce_precision rem round rsqrt select_n sign
-    sin sinh sqrt square stop_gradient sub tan tanh xor""".split()
+    [
+        "abs",
+        "acos",
+        "acosh",
+        "add",
+        "and",
+        "asin",
+        "asinh",
+        "atan",
+        "atan2",
+        "atanh",
+        "cbrt",
+        "ceil",
+        "clamp",
+        "conj",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "cos",
+        "cosh",
+        "digamma",
+        "div",
+        "eq",
+        "erf",
+        "erf_inv",
+        "erfc",
+        "exp",
+        "exp2",
+        "expm1",
+        "floor",
+        "ge",
+        "gt",
+        "imag",
+        "integer_pow",
+        "is_finite",
+        "le",
+        "lgamma",
+        "log",
+        "log1p",
+        "logistic",
+        "lt",
+        "max",
+        "min",
+        "mul",
+        "ne",
+        "neg",
+        "nextafter",
+        "not",
+        "or",
+        "pow",
+        "real",
+        "reduce_precision",
+        "rem",
+        "round",
+        "rsqrt",
+        "select_n",
+        "sign",
+        "sin",
+        "sinh",
+        "sqrt",
+        "square",
+        "stop_gradient",
+        "sub",
+        "tan",
+        "tanh",
+        "xor",
+    ]
 )
 # Call-like primitives whose body is followed (inputs map one to one onto its inputs).
 _CALLS = frozenset(
-    "pjit jit closed_call core_call remat checkpoint custom_jvp_call custom_vjp_call".split()
+    [
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "remat",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+    ]
 )
 
 
-def _first_mixing(jaxpr: Any, sources: dict) -> tuple[str, frozenset] | tuple[None, dict]:
+def _first_mixing(jaxpr: Any, sources: dict) -> tuple[Any, Any]:
     """Follows ``sources`` (var -> leaf ids) through ``jaxpr``.
 
     Returns the first non-elementwise primitive they reach and its leaf ids,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -14,14 +14,14 @@ import optax
 from rmsprop_jax import _checks, _flat_rules, schedules
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
-Exclusion = Union[None, str, Sequence[str], Any, Callable[[Any], Any]]
+Exclusion = str | Sequence[str] | Callable[[Any], Any] | Any | None
 
 
 class WeightDecayState(NamedTuple):
     """State of :func:`add_decoupled_weight_decay`."""
 
     # int32 scalar, calls so far; only when the learning rate is a schedule.
-    count: chex.Array | None
+    count: chex.Array | None  # type: ignore[assignment]  # shadows tuple.count, as optax's states
 
 
 def compile_exclusion(exclude: Exclusion) -> Callable[[Any], Any]:
