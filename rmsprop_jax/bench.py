@@ -253,7 +253,10 @@ def hlo_summary(text: str) -> dict[str, Any]:
         if parsed is None:
             continue
         shape, op = parsed
-        name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)", line).group(1)
+        match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)", line)
+        if match is None:
+            raise ValueError(f"bench: HLO instruction without a name: {line!r}")
+        name = match.group(1)
         shapes[name] = shape
         if op == "fusion":
             computation.append((shape, line))
@@ -474,7 +477,9 @@ def make_rj(
     import rmsprop_jax as rj
     from rmsprop_jax import quantization
 
-    extra = {} if accumulator_dtype is None else {"accumulator_dtype": accumulator_dtype}
+    extra: dict[str, Any] = (
+        {} if accumulator_dtype is None else {"accumulator_dtype": accumulator_dtype}
+    )
     tx = rj.rmsprop(**CONFIGS[config], **extra)
     label = f"rj.rmsprop(**{config}); apply_updates in the jitted step"
     name = "rj"
@@ -841,7 +846,7 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
     if case == SPARSE_CASE:
         n, contenders, notes = make_sparse_contenders(config, quick, seed)
         leaves = 1
-        failed = []
+        failed: list[tuple[str, str, str]] = []
     else:
         n, leaves, size = case_sizes(case, quick)
         host_params, grad_sets = _host_data(leaves, size, seed)
@@ -988,7 +993,8 @@ def format_table(rows: list[dict]) -> str:
 
 def _parse_filter(spec: str | None) -> tuple[set[str], set[str]]:
     """``--cases 16M/1,100K/200,full`` -> (cases, configs); empty set = all."""
-    cases, configs = set(), set()
+    cases: set[str] = set()
+    configs: set[str] = set()
     if not spec:
         return cases, configs
     known_cases = {c.lower(): c for c in [*CASES, SPARSE_CASE]}
@@ -1133,10 +1139,11 @@ def sparse_speedups(rows: list[dict]) -> list[str]:
             for r in rows
             if r["case"].startswith("sparse") and r["config"] == config
         }
-        if by.get("rj") and by.get("rj-sparse"):
+        dense, sparse = by.get("rj"), by.get("rj-sparse")
+        if dense and sparse:
             lines.append(
-                f"sparse speedup, {config}: dense rj step {by['rj']:.2f} ms / sparse rj step "
-                f"{by['rj-sparse']:.3f} ms = {by['rj'] / by['rj-sparse']:.0f}x"
+                f"sparse speedup, {config}: dense rj step {dense:.2f} ms / sparse rj step "
+                f"{sparse:.3f} ms = {dense / sparse:.0f}x"
             )
     return lines
 

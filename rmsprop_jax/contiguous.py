@@ -112,7 +112,7 @@ import contextvars
 import functools
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -144,6 +144,13 @@ class Layout:
 
     __slots__ = ("__weakref__", "_hash", "_key", "groups", "leaves", "paths", "treedef")
     _interned: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+    # The slots, set once in __new__ (annotations only: no class attributes).
+    treedef: jax.tree_util.PyTreeDef
+    groups: tuple[tuple[str, int], ...]
+    leaves: tuple[tuple[int, int, tuple[int, ...]] | None, ...]
+    paths: tuple[str, ...]
+    _key: tuple
+    _hash: int
 
     def __new__(cls, treedef, groups, leaves, paths):
         key = (treedef, tuple(groups), tuple(leaves), tuple(paths))
@@ -290,7 +297,10 @@ def _unflatten(layout: Layout, buffers, present: tuple | None = None) -> Any:
             pieces = jnp.split(buffer, [offset for _, offset, _ in segments[1:]])
         for (i, _, _), piece in zip(segments, pieces):
             if present is None or present[i]:
-                out[i] = jnp.reshape(piece, layout.leaves[i][2])
+                spec = layout.leaves[i]
+                if spec is None:  # segments() lists only the leaves that are stored
+                    raise AssertionError(f"rj.contiguous: leaf {i} has no place in {layout!r}")
+                out[i] = jnp.reshape(piece, spec[2])
     return layout.treedef.unflatten(out)
 
 
@@ -629,7 +639,7 @@ def _identify(tx) -> tuple[str, str]:
     return module, qualname.split(".<locals>")[0]
 
 
-def _closure(fn) -> dict:
+def _closure(fn) -> Mapping[str, Any]:
     try:
         return inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
     except (TypeError, ValueError):
@@ -650,7 +660,7 @@ class _UnknownVersion(NotImplementedError):
     pass
 
 
-def _env(env: dict, name: str, label: str):
+def _env(env: Mapping[str, Any], name: str, label: str):
     """A closure variable of a recognised factory, or a clear error when its code changed."""
     if name not in env:
         raise _UnknownVersion(
@@ -831,7 +841,7 @@ def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
         raise ValueError(
             f"rj.contiguous: grads have structure {treedef}, the state {layout.treedef}"
         )
-    values = []
+    values: list[Any] = []
     present = []
     for (path, g), spec in zip(leaves, layout.leaves):
         name = _checks.path_name(path)
@@ -866,7 +876,7 @@ def _flatten_params(layout: Layout, params) -> FlatParams:
         raise ValueError(
             f"rj.contiguous: params have structure {treedef}, the state {layout.treedef}"
         )
-    values = []
+    values: list[Any] = []
     for (path, p), spec in zip(leaves, layout.leaves):
         if spec is not None:
             if p is None:
@@ -893,9 +903,15 @@ def _check_leaf(layout: Layout, spec, leaf, name: str, what: str) -> None:
         )
 
 
-contiguous.flatten = flatten
-contiguous.FlatParams = FlatParams
-contiguous.ContiguousState = ContiguousState
-contiguous.Layout = Layout
-contiguous.ema_params = ema_params
-contiguous.RULE_ATTRIBUTE = RULE_ATTRIBUTE
+# ``rj.contiguous.flatten`` etc.: attributes of the function (setattr, as mypy does not
+# model attributes assigned to a function).
+for _name, _value in {
+    "flatten": flatten,
+    "FlatParams": FlatParams,
+    "ContiguousState": ContiguousState,
+    "Layout": Layout,
+    "ema_params": ema_params,
+    "RULE_ATTRIBUTE": RULE_ATTRIBUTE,
+}.items():
+    setattr(contiguous, _name, _value)
+del _name, _value

@@ -324,6 +324,10 @@ def train(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # Simulated CPU devices are threads of this process: with many multi-device steps in
+    # flight, XLA:CPU's thread pool can deadlock in the gradient's all-reduce (seen on 2
+    # cores: one device thread never joins). One step in flight at a time there.
+    sync_each_step = False
     if devices is None:
         # params and opt_state are consumed by each step, so let XLA reuse them.
         train_step = jax.jit(step, donate_argnums=(0, 1))
@@ -344,6 +348,7 @@ def train(
             donate_argnums=(0, 1),
         )
         platform = mesh.devices.flat[0].platform
+        sync_each_step = platform == "cpu" and devices > 1
         print(
             f"data-parallel on {devices} {platform} devices: global batch {batch_size} = "
             f"{devices} x {batch_size // devices} per device; params and optimizer state replicated"
@@ -370,7 +375,9 @@ def train(
             losses = []
             for xb, yb in zip(xb_all, yb_all):
                 params, opt_state, loss = train_step(params, opt_state, xb, yb)
-                losses.append(loss)  # stays on device: no sync per step
+                if sync_each_step:
+                    loss.block_until_ready()
+                losses.append(loss)  # stays on device: no sync per step (but see above)
                 bar.update(1)
             epoch_loss = float(jnp.mean(jnp.stack(losses)))
             epoch_acc = float(accuracy(params, x_test_d, y_test_d))

@@ -64,12 +64,8 @@ __all__ = [
 #: The default name of the data-parallel mesh axis.
 DATA_AXIS = "data"
 
-#: ``jax.shard_map`` where this JAX has it, else ``jax.experimental.shard_map.shard_map``.
-shard_map: Callable[..., Any]
-if hasattr(jax, "shard_map"):
-    shard_map = jax.shard_map
-else:  # pragma: no cover - older JAX
-    from jax.experimental.shard_map import shard_map  # type: ignore[no-redef]
+#: ``jax.shard_map`` (kept under this name for the code written against it).
+shard_map: Callable[..., Any] = jax.shard_map
 
 
 def data_mesh(

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from _jit import CountingJit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_rmsprop
@@ -19,7 +20,7 @@ F32_EPS = float(np.finfo(np.float32).eps)
 
 def run(tx, params, grads_seq, jit=True):
     """Applies ``tx`` over ``grads_seq``; returns the params after each step and the state."""
-    update = jax.jit(tx.update) if jit else tx.update
+    update = CountingJit(tx.update) if jit else tx.update
     state = tx.init(params)
     trajectory = []
     for g in grads_seq:
@@ -234,7 +235,7 @@ def test_no_recompilation_after_first_update(cfg):
     params = {"w": jnp.ones((3, 2)), "b": jnp.ones((2,), jnp.bfloat16)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     _, _, update = run(tx, params, [grads] * 4)
-    assert update._cache_size() == 1
+    assert update.traces == 1
     state = tx.init(params)
     new_state = update(grads, state, params)[1]
     # Same avals (dtype, shape, weak type) in and out: donation and scan work too.

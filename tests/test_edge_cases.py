@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _jit import CountingJit
 
 import rmsprop_jax as rj
 from rmsprop_jax import porting
@@ -63,10 +64,10 @@ def test_every_entry_point_checks_the_state(make):
 def test_same_options_still_update_and_cost_nothing_at_run_time():
     tx = rj.rmsprop(0.1, momentum=0.9, use_ema=True)
     state = tx.init(P)
-    step = jax.jit(tx.update)
+    step = CountingJit(tx.update)
     for _ in range(3):
         _, state = step(G, state, P)
-    assert step._cache_size() == 1
+    assert step.traces == 1
     # Trace-time only: the compiled step is the unchecked transform's, op for op.
     _, arguments = getattr(tx.update, rj._flat_rules.RULE_ATTRIBUTE)
     unchecked = optax.with_extra_args_support(arguments["inner"])
@@ -217,10 +218,10 @@ def test_weak_typed_params_compile_once(kwargs):
     params = {"w": jnp.asarray(1.0)}  # weak-typed
     assert params["w"].weak_type
     tx = rj.rmsprop(0.1, **kwargs)
-    state, step = tx.init(params), jax.jit(tx.update)
+    state, step = tx.init(params), CountingJit(tx.update)
     for _ in range(3):
         _, state = step({"w": jnp.asarray(0.5)}, state, params)
-    assert step._cache_size() == 1
+    assert step.traces == 1
 
 
 def test_use_ema_with_a_none_param_leaf():

@@ -26,6 +26,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover
     pytest.skip("needs KERAS_BACKEND=jax", allow_module_level=True)
 
 import jax
+from _jit import CountingJit
 
 from rmsprop_jax.keras_optimizer import RMSprop
 
@@ -265,7 +266,7 @@ def test_learning_rate_assignment_is_data_not_a_recompilation():
     opt = RMSprop(learning_rate=0.1, momentum=0.5)
     variables = [keras.Variable(np.ones(3, "float32"))]
     opt.build(variables)
-    step = jax.jit(opt.stateless_apply)
+    step = CountingJit(opt.stateless_apply)
     grads = [np.ones(3, "float32")]
     values = [v.value for v in variables]
     moved = []
@@ -273,7 +274,7 @@ def test_learning_rate_assignment_is_data_not_a_recompilation():
         opt.learning_rate = lr  # Keras' setter: LearningRateScheduler and ReduceLROnPlateau's path
         new_values, _ = step([v.value for v in opt.variables], grads, values)
         moved.append(float(1 - new_values[0][0]))
-    assert step._cache_size() == 1
+    assert step.traces == 1
     np.testing.assert_allclose(np.array(moved) / moved[0], [1, 1e-3, 5], rtol=1e-3)
 
 

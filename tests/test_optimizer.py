@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import optax
 import pytest
+from _jit import CountingJit
 
 import rmsprop_jax as rj
 
@@ -159,12 +160,12 @@ FULL = {
 
 def test_stateless_apply_jitted_with_donation_compiles_once():
     opt = rj.RMSprop(**FULL, ema_overwrite_frequency=3)
-    step = jax.jit(opt.stateless_apply, donate_argnums=(0, 2))
+    step = CountingJit(opt.stateless_apply, donate_argnums=(0, 2))
     grads = grads_seq(8)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
         ours, state = run(opt, grads, step=step)
-    assert step._cache_size() == 1
+    assert step.traces == 1
     expected, _avg, _ = keras_model(P0, grads, **FULL, ema_overwrite_frequency=3)
     assert_history(ours, expected, rtol=2e-6, atol=2e-7)
     close(opt.iterations(state), 4, rtol=0, atol=0)
@@ -315,7 +316,7 @@ def test_finalize_variable_values():
 
 def test_set_learning_rate_between_steps_without_recompiling():
     opt = rj.RMSprop(0.1, momentum=0.5, weight_decay=0.1)
-    step = jax.jit(opt.stateless_apply)
+    step = CountingJit(opt.stateless_apply)
     params = [jnp.asarray(p) for p in P0]
     state = opt.init(params)
     assert float(opt.learning_rate(state)) == pytest.approx(0.1)
@@ -327,7 +328,7 @@ def test_set_learning_rate_between_steps_without_recompiling():
         assert float(opt.learning_rate(state)) == pytest.approx(lrs[t])
         params, state = step(state, [jnp.asarray(x) for x in g], params)
         hist.append(params)
-    assert step._cache_size() == 1
+    assert step.traces == 1
     expected = keras_model(
         P0, grads, momentum=0.5, weight_decay=0.1, lr_per_call=[np.float32(x) for x in lrs]
     )[0]
@@ -640,10 +641,11 @@ def test_inject_hyperparams_changes_without_recompiling():
     w = jnp.asarray(P0[0])
     state = tx.init(w)
 
-    @jax.jit
-    def step(w, state, g):
+    def apply(w, state, g):
         u, state = tx.update(g, state, w)
         return optax.apply_updates(w, u), state
+
+    step = CountingJit(apply)
 
     schedule = [
         {"learning_rate": 0.1, "rho": 0.9, "momentum": 0.5, "epsilon": 1e-7},
@@ -667,7 +669,7 @@ def test_inject_hyperparams_changes_without_recompiling():
         m = mom * m + lr * gg / np.sqrt(v - a * a + eps)
         w_np = w_np - m
         close(w, w_np, rtol=2e-6, atol=1e-7)
-    assert step._cache_size() == 1
+    assert step.traces == 1
 
 
 def test_signature_and_attributes_are_keras_rmsprops():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _jit import CountingJit
 
 import rmsprop_jax as rj
 from rmsprop_jax import quantization as Q
@@ -165,7 +166,7 @@ def _steps(tx, params, grads_fn, n, jit=True):
         updates, state = tx.update(grads_fn(i), state, params)
         return optax.apply_updates(params, updates), state
 
-    step = jax.jit(step, donate_argnums=(0, 1)) if jit else step
+    step = CountingJit(step, donate_argnums=(0, 1)) if jit else step
     params = jax.tree.map(jnp.copy, params)
     for i in range(n):
         params, state = step(params, state, i)
@@ -302,7 +303,7 @@ def test_jit_donation_and_one_compilation():
         _, state, step = _steps(
             rj.rmsprop(0.01, momentum=0.9, accumulator_dtype="int8"), params, grads, 5
         )
-    assert step._cache_size() == 1
+    assert step.traces == 1
     v = _rmsprop_state(state).velocity["w"]
     assert v.codes.shape == (65536,) and v.absmax.shape == (256,)
 
