@@ -204,7 +204,9 @@ def rmsprop_leaf_update(
     return (
         (-step).astype(out_dtype),
         v.astype(velocity.dtype),
-        None if a is None else a.astype(a.dtype if average_gradient is None else average_gradient.dtype),
+        None
+        if a is None
+        else a.astype(a.dtype if average_gradient is None else average_gradient.dtype),
         None if new_m is None or momentum_buffer is None else new_m.astype(momentum_buffer.dtype),
     )
 
