@@ -13,7 +13,7 @@ import sys
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax import demo
+    from rmsprop_jax.cli import demo
 
     parser = subparsers.add_parser(
         "demo",
@@ -25,7 +25,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_conformance(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax import conformance
+    from rmsprop_jax.cli import conformance
 
     parser = subparsers.add_parser(
         "conformance",
@@ -37,7 +37,7 @@ def _add_conformance(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax import bench
+    from rmsprop_jax.cli import bench
 
     parser = subparsers.add_parser(
         "bench",
@@ -49,7 +49,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_parity(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax import parity
+    from rmsprop_jax.cli import parity
 
     parser = subparsers.add_parser(
         "parity",

@@ -1,7 +1,7 @@
 r"""Float64 NumPy reference implementation of the RMSprop core math.
 
 This module is the test oracle for ``rmsprop_jax``. It is written from the
-project's semantics document (``shared/spec/semantics.md``, sections 1, 5, 6
+project's semantics document (``docs/semantics.md``, sections 1, 5, 6
 and 8), not from any library's code, and is deliberately plain, loop-based
 NumPy: one array (any shape, real or complex), one step at a time, every
 intermediate in float64 (complex128 for complex parameters).

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rmsprop_jax import bench
+from rmsprop_jax.cli import bench
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONTENDERS = ("floor", "floor-per-leaf", "rj", "rj-bf16", "rj-int8", "optax", "keras", "torch")
@@ -129,24 +129,10 @@ def test_case_filter():
     assert leaves == 160 and n == 1_000_000
 
 
-def test_contiguous_contender_is_used_when_the_api_exists(monkeypatch):
-    """rj-contiguous is measured through whatever ``rj.contiguous(tx)`` returns."""
-    wrapped = []
-
-    def fake_contiguous(tx):
-        wrapped.append(tx)
-        return tx
-
-    monkeypatch.setattr(bench, "contiguous_api", lambda: fake_contiguous)
+def test_contiguous_contender_is_measured():
+    """rj-contiguous is ``rj.contiguous(tx)``, measured like the others."""
     params, grad_sets = bench._host_data(leaves=3, size=8, seed=0)
     contender = bench.make_rj("full", params, grad_sets, contiguous=True)
-    assert wrapped and contender.name == "rj-contiguous"
+    assert contender.name == "rj-contiguous"
     assert contender.run(3) > 0
     assert isinstance(contender.stats["fusions"], int) and contender.stats["passes"] >= 1
-
-
-def test_contiguous_contender_missing_api_is_not_available(monkeypatch):
-    monkeypatch.setattr(bench, "contiguous_api", lambda: None)
-    params, grad_sets = bench._host_data(leaves=2, size=4, seed=0)
-    with pytest.raises(bench._NotAvailable):
-        bench.make_rj("plain", params, grad_sets, contiguous=True)

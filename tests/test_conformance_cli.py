@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from rmsprop_jax import conformance
+from rmsprop_jax.cli import conformance
 
 
 def test_conformance_rows_for_every_peer():

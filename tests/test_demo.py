@@ -1,4 +1,4 @@
-"""Tests for the digits demo (``rmsprop_jax.demo`` and ``python -m rmsprop_jax demo``)."""
+"""Tests for the digits demo (``rmsprop_jax.cli.demo`` and ``python -m rmsprop_jax demo``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from rmsprop_jax import demo
+from rmsprop_jax.cli import demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,7 +96,7 @@ def test_missing_extra_names_the_install_command(monkeypatch):
 
 def test_importing_the_package_does_not_need_demo_extras(tmp_path):
     code = (
-        "import sys, rmsprop_jax, rmsprop_jax.demo, rmsprop_jax.__main__\n"
+        "import sys, rmsprop_jax, rmsprop_jax.cli.demo, rmsprop_jax.__main__\n"
         "loaded = [m for m in ('sklearn', 'matplotlib', 'tqdm') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

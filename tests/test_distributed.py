@@ -340,7 +340,7 @@ def test_demo_devices_flag_trains_data_parallel(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    from rmsprop_jax import demo
+    from rmsprop_jax.cli import demo
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = common.PATIENT_COLLECTIVES  # the demo must ask for the devices itself
@@ -366,7 +366,7 @@ def test_demo_devices_reruns_when_jax_already_started(tmp_path, capfd):
     pytest.importorskip("tqdm")
     import jax
 
-    from rmsprop_jax import demo
+    from rmsprop_jax.cli import demo
 
     assert jax.device_count() == 1
     with pytest.MonkeyPatch.context() as mp:

@@ -1,7 +1,7 @@
 """``rj.RMSprop``: the Keras 3 optimizer API, functional (state in, state out).
 
 Expectations come from a float64 NumPy model of Keras 3's RMSprop written from
-``shared/spec/semantics.md`` section 1 (``keras_model`` below), or from the real
+``docs/semantics.md`` section 1 (``keras_model`` below), or from the real
 ``keras.optimizers.RMSprop`` run on the same variables. Shapes are tiny.
 """
 

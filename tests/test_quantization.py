@@ -378,7 +378,7 @@ def test_demo_parity_within_three_percent():
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    from rmsprop_jax import parity
+    from rmsprop_jax.cli import parity
 
     rows = parity.run_parity(tasks=("digits-mlp",), dtypes=("float32", "int8"), epochs=4)
     by_dtype = {row["dtype"]: row for row in rows}
@@ -402,7 +402,7 @@ def test_parity_command_char_task(capsys):
 def test_demo_accumulator_dtype_flag():
     import argparse
 
-    from rmsprop_jax import demo
+    from rmsprop_jax.cli import demo
 
     parser = demo.add_arguments(argparse.ArgumentParser())
     assert parser.parse_args([]).accumulator_dtype == "float32"

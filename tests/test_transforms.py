@@ -2,7 +2,7 @@
 ``rj.rmsprop``'s assembly of them.
 
 Expectations are independent of the code under test: float64 NumPy written from the
-Keras 3 formulas of ``shared/spec/semantics.md`` section 1, or the real Keras / optax
+Keras 3 formulas of ``docs/semantics.md`` section 1, or the real Keras / optax
 functions run on the same input. Shapes are tiny and most steps run eagerly, to keep
 compile time low.
 """

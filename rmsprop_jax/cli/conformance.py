@@ -6,7 +6,7 @@ in the matching preset from the same float32 parameters and gradients; the
 table reports the worst normwise relative error per step,
 ``max|ours - peer| / max|peer|`` per leaf. TensorFlow and OneFlow cannot be
 installed on every Python; without them their presets are checked against
-the reference numbers measured from them (``shared/spec/semantics.md``).
+the reference numbers measured from them (``docs/semantics.md``).
 """
 
 from __future__ import annotations

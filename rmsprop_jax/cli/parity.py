@@ -86,8 +86,8 @@ def _state_bytes(tx: optax.GradientTransformation, params: Any) -> float:
 
 
 def train_digits_mlp(accumulator_dtype: str, epochs: int = 20, seed: int = 0) -> dict[str, Any]:
-    """The demo (``rmsprop_jax.demo.train``) with the given state storage; its output is silenced."""
-    from rmsprop_jax import demo
+    """The demo (``rmsprop_jax.cli.demo.train``) with the given state storage; its output is silenced."""
+    from rmsprop_jax.cli import demo
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         result = demo.train(

@@ -487,15 +487,13 @@ def make_rj(
         name = {"bfloat16": "rj-bf16", "int8": "rj-int8"}[accumulator_dtype]
         label = f"rj.rmsprop(**{config}, accumulator_dtype={accumulator_dtype!r}); apply_updates"
     if contiguous:
-        wrap = contiguous_api()
-        if wrap is None:
-            raise _NotAvailable("rmsprop_jax.contiguous(tx) does not exist yet")
-        tx = wrap(tx)
+        tx = rj.contiguous(tx)
         name, label = "rj-contiguous", "rj.contiguous(" + label.split(";")[0] + ")"
-    params = _tree(host_params)
-    batches = [_tree(grads) for grads in grad_sets]
+    params: Any = _tree(host_params)
+    batches: list[Any] = [_tree(grads) for grads in grad_sets]
     if flat:  # the user keeps params (and so grads) as one buffer per dtype
-        flatten = importlib.import_module("rmsprop_jax.contiguous").flatten
+        from rmsprop_jax.contiguous import flatten
+
         params = flatten(params)[0]
         batches = [flatten(grads)[0] for grads in batches]
         name, label = "rj-contiguous-flat", label + " on rj.contiguous.flatten(params)"
@@ -506,23 +504,6 @@ def make_rj(
     elements = sum(x.size for x in jax.tree.leaves(params))
     contender.stats["state_bytes_per_param"] = quantization.tree_nbytes(per_param) / elements
     return contender
-
-
-def contiguous_api() -> Callable | None:
-    """``rj.contiguous`` (the function), from the package or its module, or None."""
-    try:
-        import rmsprop_jax as rj
-    except ImportError:
-        return None
-    candidate = getattr(rj, "contiguous", None)
-    if candidate is None:
-        try:
-            candidate = importlib.import_module("rmsprop_jax.contiguous")
-        except ImportError:
-            return None
-    if not callable(candidate):  # the module: its function of the same name
-        candidate = getattr(candidate, "contiguous", None)
-    return candidate if callable(candidate) else None
 
 
 def _optax_param_ema(decay: float):
@@ -642,19 +623,6 @@ class _NotAvailable(Exception):
 # --------------------------------------------------------------------------- sparse
 
 
-def sparse_api():
-    """``rj.IndexedSlices`` or None."""
-    try:
-        import rmsprop_jax as rj
-
-        cls = getattr(rj, "IndexedSlices", None)
-        if cls is None:
-            cls = getattr(importlib.import_module("rmsprop_jax.sparse"), "IndexedSlices", None)
-        return cls
-    except Exception:  # anything missing means "not yet"
-        return None
-
-
 def _sparse_floor_fn(config: str):
     import jax.numpy as jnp
 
@@ -690,7 +658,7 @@ def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, li
 
     import rmsprop_jax as rj
 
-    slices = sparse_api()
+    slices = rj.IndexedSlices
     rows, width = SPARSE_SHAPE
     k = SPARSE_IDS
     if quick:
@@ -1092,17 +1060,13 @@ def run(
         log(f"floor {name}: {b} bytes/param assumed ({what})")
     for name in ("plain", "centered+momentum", "full"):
         log(f"torch {name}: {TORCH_LABEL[name]}")
-    if contiguous_api() is None:
-        log("rj-contiguous: n/a (rmsprop_jax.contiguous(tx) does not exist yet)")
-    if sparse_api() is None:
-        log(f"{SPARSE_CASE}: skipped (rmsprop_jax has no IndexedSlices yet)")
     busy = env["loadavg_start"] is not None and env["loadavg_start"] > 0.25 * (os.cpu_count() or 1)
     log(
         f"load average at start: {_fmt(env['loadavg_start'], '.2f')}"
         + ("  WARNING: the machine is busy, timings are noisy" if busy else "")
     )
     log("")
-    all_cases = list(CASES) + ([SPARSE_CASE] if sparse_api() is not None else [])
+    all_cases = [*CASES, SPARSE_CASE]
     rows: list[dict] = []
     start = time.perf_counter()
     for case in all_cases:

@@ -556,7 +556,7 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m rmsprop_jax.demo [flags]``."""
+    """Entry point: ``python -m rmsprop_jax.cli.demo [flags]`` (or ``python -m rmsprop_jax demo``)."""
     parser = argparse.ArgumentParser(prog="python -m rmsprop_jax demo", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))
