@@ -1,6 +1,6 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import porting, presets, schedules, sharding, transforms
+from rmsprop_jax import porting, presets, sharding, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
@@ -54,7 +54,6 @@ __all__ = [
     "rmsprop",
     "rmsprop_leaf_update",
     "scale_by_rmsprop",
-    "schedules",
     "sharding",
     "transforms",
     "unscale_gradients",

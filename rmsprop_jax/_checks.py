@@ -19,6 +19,23 @@ import optax
 
 from rmsprop_jax import _flat_rules, quantization
 
+__all__ = [
+    "check_inexact_leaves",
+    "check_positive_int",
+    "check_range",
+    "check_same_structure",
+    "check_state_matches",
+    "concrete_float",
+    "find_state",
+    "flatten_with_none",
+    "is_leaf_gradient",
+    "is_static_zero",
+    "map_leaves",
+    "params_required",
+    "path_name",
+    "with_state_check",
+]
+
 
 def concrete_float(value: Any) -> float | None:
     """``value`` as a Python float, or None when it is traced or not a scalar."""

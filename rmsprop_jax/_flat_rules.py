@@ -17,6 +17,15 @@ from typing import Any
 
 import optax
 
+__all__ = [
+    "ELEMENTWISE",
+    "RULE_ATTRIBUTE",
+    "chain",
+    "tag",
+    "tag_factory",
+    "with_extra_args",
+]
+
 #: Attribute of a transform's ``update`` function holding its rule.
 RULE_ATTRIBUTE = "rj_contiguous"
 ELEMENTWISE = "elementwise"

@@ -5,7 +5,11 @@ from typing import Any
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, core, schedules, transforms
+from rmsprop_jax import _checks, _flat_rules, _schedules, core, transforms
+
+__all__ = [
+    "rmsprop",
+]
 
 
 def rmsprop(
@@ -124,8 +128,8 @@ def rmsprop(
     steps = gradient_accumulation_steps or 1
     # Schedules are read at Keras' raw iteration count, also by the pieces that
     # only run on accumulation update steps.
-    schedule = schedules.as_schedule(learning_rate)
-    inner_lr: Any = learning_rate if schedule is None else schedules.shifted(schedule, steps)
+    schedule = _schedules.as_schedule(learning_rate)
+    inner_lr: Any = learning_rate if schedule is None else _schedules.shifted(schedule, steps)
 
     update_pieces = []
     if clipnorm:

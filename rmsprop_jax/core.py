@@ -57,8 +57,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, quantization, schedules
+from rmsprop_jax import _checks, _flat_rules, _schedules, quantization
 from rmsprop_jax.sparse import IndexedSlices
+
+__all__ = [
+    "SUPPORTED_ACCUMULATOR_DTYPES",
+    "RMSpropState",
+    "abs_sq",
+    "canonical_accumulator_dtype",
+    "rmsprop_leaf_update",
+    "rmsprop_rows_update",
+    "scale_by_rmsprop",
+]
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -329,7 +339,7 @@ def scale_by_rmsprop(
     _checks.check_range("epsilon", epsilon, 0.0)
     _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     _checks.check_range("initial_accumulator_value", initial_accumulator_value, 0.0)
-    schedule = schedules.as_schedule(learning_rate)
+    schedule = _schedules.as_schedule(learning_rate)
     has_momentum = not _checks.is_static_zero(momentum)
     if nesterov and not has_momentum:
         raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")

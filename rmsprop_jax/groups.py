@@ -16,6 +16,11 @@ import optax
 
 from rmsprop_jax import _checks
 
+__all__ = [
+    "label_leaves",
+    "param_groups",
+]
+
 
 def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = None) -> Any:
     """A label pytree for ``params``: the first regex in ``rules`` that ``re.search``-es a path wins.

@@ -13,12 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, alias, core, schedules
+from rmsprop_jax import _checks, _schedules, alias, core
 from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.accumulation import AccumulationState
 from rmsprop_jax.transforms.ema import EmaState
 from rmsprop_jax.transforms.weight_decay import WeightDecayState, compile_exclusion
 from rmsprop_jax.utils import apply_updates
+
+__all__ = [
+    "KERAS_CONFIG_KEYS",
+    "SLOT_ALIASES",
+    "RMSprop",
+    "RMSpropOptimizerState",
+    "sync_counters",
+]
 
 # Keras 3 ``RMSprop.get_config()`` keys, in Keras' order.
 KERAS_CONFIG_KEYS = (
@@ -115,7 +123,7 @@ class RMSprop:
         self._float_lr = not callable(kwargs["learning_rate"])
         alias.rmsprop(**kwargs)  # validates every argument now, at construction
         self._steps = kwargs["gradient_accumulation_steps"] or 1
-        self._schedule = schedules.as_schedule(kwargs["learning_rate"])
+        self._schedule = _schedules.as_schedule(kwargs["learning_rate"])
 
         def init_fn(params):
             lr = jnp.asarray(kwargs["learning_rate"], jnp.float32) if self._float_lr else None

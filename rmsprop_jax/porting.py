@@ -24,6 +24,14 @@ import optax
 
 from rmsprop_jax import _checks, core
 
+__all__ = [
+    "TORCH_SLOTS",
+    "export_keras_state",
+    "export_torch_state",
+    "import_keras_state",
+    "import_torch_state",
+]
+
 # torch.optim.RMSprop state keys -> RMSpropState fields
 TORCH_SLOTS = {
     "square_avg": "velocity",

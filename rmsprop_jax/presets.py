@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import optax as _optax
 
-from rmsprop_jax import _checks, _flat_rules, alias, core, schedules, transforms
+from rmsprop_jax import _checks, _flat_rules, _schedules, alias, core, transforms
 
 __all__ = ["keras", "oneflow", "optax", "tf1", "tf2", "torch"]
 
@@ -112,7 +112,7 @@ def tf2(
     ) else None
     schedule = learning_rate
     if decay:
-        base = schedules.as_schedule(learning_rate)
+        base = _schedules.as_schedule(learning_rate)
         initial = learning_rate
 
         def schedule(count):

@@ -8,6 +8,11 @@ import optax
 
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
+__all__ = [
+    "apply_updates",
+    "zeros_like_shape",
+]
+
 
 def zeros_like_shape(shape: jax.ShapeDtypeStruct) -> jax.Array:
     """Zeros for an ``eval_shape`` result, keeping its sharding (and ``shard_map``'s varying axes).

@@ -9,3 +9,34 @@ wins (``setdefault``).
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import pytest
+
+# Modules that run peers (Keras' own suites, TensorFlow, torch, optax's suite), subprocesses
+# (simulated devices, multi-process, notebooks, the CLI) or property searches: `slow`.
+# The rest is the fast subset: python -m pytest -m "not slow" (under a minute on 2 cores).
+SLOW_MODULES = {
+    "test_bench",
+    "test_conformance_cli",
+    "test_contiguous",
+    "test_demo",
+    "test_distributed",
+    "test_flax",
+    "test_keras_conformance",
+    "test_keras_fit",
+    "test_keras_suite",
+    "test_notebooks",
+    "test_optax_suite",
+    "test_orbax",
+    "test_peers",
+    "test_porting",
+    "test_readme",
+    "test_state_machine",
+    "test_tensorflow",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

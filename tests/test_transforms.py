@@ -725,7 +725,7 @@ def test_zero_arg_callable_lr_eager_vs_jit():
     u2, _ = tx.update(g, s, w)
     close(u2, 2 * f64(u1))
     # Under jit it is called when the step is traced: the value is frozen in the
-    # compiled step (documented in rj.schedules); a change needs a retrace.
+    # compiled step (documented in rmsprop_jax._schedules); a change needs a retrace.
     box["lr"] = 0.1
     step = jax.jit(tx.update)
     j1, _ = step(g, s, w)

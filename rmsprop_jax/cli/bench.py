@@ -79,6 +79,41 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "CASES",
+    "CONFIGS",
+    "CONTENDERS",
+    "DESCRIPTION",
+    "FLOOR_BYTES",
+    "GRAD_SETS",
+    "QUICK_SHRINK",
+    "SPARSE_CASE",
+    "SPARSE_CONFIGS",
+    "SPARSE_IDS",
+    "SPARSE_SHAPE",
+    "TORCH_LABEL",
+    "Contender",
+    "add_arguments",
+    "case_sizes",
+    "compiled_stats",
+    "environment",
+    "format_table",
+    "hlo_summary",
+    "main",
+    "make_floor",
+    "make_floor_per_leaf",
+    "make_keras",
+    "make_optax",
+    "make_rj",
+    "make_sparse_contenders",
+    "make_torch",
+    "measure",
+    "optax_tx",
+    "run",
+    "run_case",
+    "sparse_speedups",
+]
+
 DESCRIPTION = (__doc__ or "").split("\n\n")[0]
 
 #: case name -> (parameters, leaves). Leaves are equal 1-D float32 arrays.

@@ -18,6 +18,16 @@ from collections.abc import Callable
 
 import numpy as np
 
+__all__ = [
+    "PEERS",
+    "SHAPES",
+    "TOLERANCE",
+    "add_arguments",
+    "format_table",
+    "main",
+    "run",
+]
+
 TOLERANCE = 1e-6
 SHAPES = ((3,), (2, 2))
 

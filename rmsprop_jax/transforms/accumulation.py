@@ -13,6 +13,11 @@ from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 from rmsprop_jax.utils import zeros_like_shape
 
+__all__ = [
+    "AccumulationState",
+    "accumulate_gradients",
+]
+
 
 class AccumulationState(NamedTuple):
     """State of :func:`accumulate_gradients`."""
@@ -40,7 +45,7 @@ def accumulate_gradients(
     call (the counter here, and Keras schedules and EMA, advance on every
     micro-step; ``rj.rmsprop`` evaluates the learning-rate schedule at the raw
     call count ``(j + 1) * N - 1`` of the ``j``-th update, via
-    :func:`rmsprop_jax.schedules.shifted`), and the mean is
+    ``rmsprop_jax._schedules.shifted``), and the mean is
     ``(sum) / N``; ``MultiSteps`` keeps a running mean
     ``acc += (g - acc) / (k + 1)`` and its inner schedules see update steps.
     Both are usable with every transform here; pick ``MultiSteps`` to match

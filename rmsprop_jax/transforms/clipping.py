@@ -22,6 +22,15 @@ from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import dense_parts, map_gradients
 
+__all__ = [
+    "OVERFLOW_FALLBACK",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_p_norm",
+    "clip_by_value",
+    "global_norm",
+]
+
 
 def _tree_map(fn, tree, sum_duplicates: bool = True):
     """``fn`` per gradient; IndexedSlices are deduplicated first (norms of the dense gradient)

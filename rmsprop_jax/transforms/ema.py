@@ -12,6 +12,12 @@ import optax
 from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
+__all__ = [
+    "EmaState",
+    "ema",
+    "ema_params",
+]
+
 
 class EmaState(NamedTuple):
     """State of :func:`ema`."""

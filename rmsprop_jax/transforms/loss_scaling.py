@@ -13,6 +13,13 @@ from rmsprop_jax import _checks, _flat_rules
 from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.utils import zeros_like_shape
 
+__all__ = [
+    "DynamicLossScaleState",
+    "dynamic_loss_scale",
+    "loss_scale",
+    "unscale_gradients",
+]
+
 
 def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
     """Keras ``loss_scale_factor``: ``g = g / loss_scale_factor`` (a division, as Keras).

@@ -11,8 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, schedules
+from rmsprop_jax import _checks, _flat_rules, _schedules
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
+
+__all__ = [
+    "WeightDecayState",
+    "add_decoupled_weight_decay",
+    "compile_exclusion",
+]
 
 Exclusion = str | Sequence[str] | Callable[[Any], Any] | Any | None
 
@@ -94,7 +100,7 @@ def add_decoupled_weight_decay(
       {'bias': Array([0.], dtype=float32), 'kernel': Array([-0.1], dtype=float32)}
     """
     _checks.check_range("weight_decay", weight_decay, 0.0)
-    schedule = schedules.as_schedule(learning_rate)
+    schedule = _schedules.as_schedule(learning_rate)
     decayed_mask = compile_exclusion(exclude_from_weight_decay)
 
     def init_fn(params):

@@ -24,6 +24,11 @@ import jax
 
 from rmsprop_jax import _checks
 
+__all__ = [
+    "as_schedule",
+    "shifted",
+]
+
 Schedule = Callable[[jax.Array], Any]
 
 
