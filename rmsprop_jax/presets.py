@@ -26,7 +26,10 @@ import optax as _optax
 
 from rmsprop_jax import _checks, _flat_rules, _schedules, alias, core, transforms
 
-__all__ = ["keras", "oneflow", "optax", "tf1", "tf2", "torch"]
+# Called as rj.presets.torch(...), never star-imported: the preset names are the frameworks'
+# names, and `from rmsprop_jax.presets import *` would shadow `import torch` / `import optax`.
+__all__: list[str] = []
+PRESET_NAMES = ("keras", "oneflow", "optax", "tf1", "tf2", "torch")
 
 
 def _strict_kwargs(fn, name: str | None = None):
