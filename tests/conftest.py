@@ -27,16 +27,23 @@ SLOW_MODULES = {
     "test_keras_suite",
     "test_notebooks",
     "test_optax_suite",
+    "test_optimizer",
     "test_orbax",
     "test_peers",
     "test_porting",
+    "test_presets",
     "test_readme",
+    "test_sparse_seams",
     "test_state_machine",
     "test_tensorflow",
 }
 
 
+# Single tests elsewhere that train a task or run a command.
+SLOW_TESTS = {"test_parity_command_char_task", "test_demo_parity_within_three_percent"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.path.stem in SLOW_MODULES:
+        if item.path.stem in SLOW_MODULES or getattr(item, "originalname", "") in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
