@@ -3,7 +3,7 @@
 from rmsprop_jax import porting, presets, sharding, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
-from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, scale_by_rmsprop
+from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, rmsprop_update, scale_by_rmsprop
 from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
 from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
@@ -53,6 +53,7 @@ __all__ = [
     "presets",
     "rmsprop",
     "rmsprop_leaf_update",
+    "rmsprop_update",
     "scale_by_rmsprop",
     "sharding",
     "transforms",

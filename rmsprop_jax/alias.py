@@ -49,7 +49,7 @@ def rmsprop(
     (centered: :math:`v - a^2` under the root, :math:`a` the moving mean of
     :math:`g`; momentum: :math:`m \leftarrow \mu m + \eta g/\sqrt{\cdot},\ w
     \leftarrow w - m`). The keyword-only knobs select the other conventions; see
-    :func:`rmsprop_jax.scale_by_rmsprop` for the full math.
+    :func:`rmsprop_jax.rmsprop_update` for the full math.
 
     Args:
       learning_rate: float, or a schedule ``step -> lr`` evaluated at the number
@@ -139,7 +139,7 @@ def rmsprop(
     elif clipvalue:
         update_pieces.append(transforms.clip_by_value(clipvalue))
     update_pieces.append(
-        core.scale_by_rmsprop(
+        core.rmsprop_update(
             inner_lr,
             rho,
             epsilon,

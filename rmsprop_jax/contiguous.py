@@ -444,7 +444,7 @@ def _zero_absent(updates):
 
 
 def _flat_rmsprop(original: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``scale_by_rmsprop`` itself over the buffers; leaves without a gradient keep their slots."""
+    """``rmsprop_update`` itself over the buffers; leaves without a gradient keep their slots."""
 
     def init_fn(params):
         state = original.init(params)
@@ -681,7 +681,7 @@ def _plan(tx, assume_elementwise: bool) -> _Plan:
             return optax.chain(*(visit(piece) for piece in arguments["pieces"]))
         if factory in ("with_extra_args_support", "with_state_check"):  # the flat state is new
             return optax.with_extra_args_support(visit(arguments["inner"]))
-        if factory == "scale_by_rmsprop":
+        if factory == "rmsprop_update":
             return _flat_rmsprop(tx)
         if factory == "ema":
             return _flat_ema(tx)
@@ -727,7 +727,7 @@ def _plan(tx, assume_elementwise: bool) -> _Plan:
         raise NotImplementedError(
             f"rj.contiguous cannot tell whether {label} keeps its meaning over flat buffers "
             "(a per-tensor norm, a mask by path or a per-leaf shape would change). It knows "
-            "rj.rmsprop / rj.scale_by_rmsprop, the rj.transforms, optax.chain and optax's "
+            "rj.rmsprop / rj.rmsprop_update / rj.scale_by_rmsprop, the rj.transforms, optax.chain and optax's "
             "elementwise transforms. If this transform is elementwise or reduces only over the "
             "whole tree, pass assume_elementwise=True."
         )
@@ -752,7 +752,7 @@ def contiguous(
     :class:`FlatParams` updates and nothing is concatenated or split).
 
     Args:
-      tx: ``rj.rmsprop(...)``, ``rj.scale_by_rmsprop(...)``, an ``optax.chain``
+      tx: ``rj.rmsprop(...)``, ``rj.rmsprop_update(...)``, an ``optax.chain``
         of rmsprop_jax transforms and optax's elementwise transforms.
         Per-leaf features keep their per-leaf meaning (see the module
         docstring); anything else raises ``NotImplementedError`` at once.

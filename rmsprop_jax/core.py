@@ -1,7 +1,8 @@
 r"""The RMSprop arithmetic: one transform, every convention.
 
 Everything that differs between the RMSprop implementations people use is an
-option of :func:`scale_by_rmsprop`; presets and aliases only choose options.
+option of :func:`rmsprop_update`; presets and aliases only choose options.
+(:func:`scale_by_rmsprop` is its optax-convention form: no learning rate, no sign.)
 Per leaf, with ``g`` the gradient, ``t`` the number of steps taken before this
 one and :math:`\rho` = ``rho``:
 
@@ -67,6 +68,7 @@ __all__ = [
     "canonical_accumulator_dtype",
     "rmsprop_leaf_update",
     "rmsprop_rows_update",
+    "rmsprop_update",
     "scale_by_rmsprop",
 ]
 
@@ -77,7 +79,7 @@ SUPPORTED_ACCUMULATOR_DTYPES = ("float32", "bfloat16")
 
 
 class RMSpropState(NamedTuple):
-    """State of :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
+    """State of :func:`rmsprop_update` and :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
     # int32 scalar: steps taken; only when a schedule or bias correction reads it.
     count: chex.Array | None  # type: ignore[assignment]  # shadows tuple.count, as optax's states
@@ -262,7 +264,7 @@ def rmsprop_rows_update(
     return (g.replace_values(update), *slots)
 
 
-def scale_by_rmsprop(
+def rmsprop_update(
     learning_rate: ScalarOrSchedule = 0.001,
     rho: float = 0.9,
     epsilon: float = 1e-7,
@@ -324,7 +326,7 @@ def scale_by_rmsprop(
 
     Example:
       >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
-      >>> tx = rj.scale_by_rmsprop(learning_rate=0.1)
+      >>> tx = rj.rmsprop_update(learning_rate=0.1)
       >>> params = jnp.array([10.0])
       >>> state = tx.init(params)
       >>> updates, state = tx.update(params, state, params)  # g = w
@@ -442,7 +444,63 @@ def scale_by_rmsprop(
         )
         return new_updates, new_state
 
-    tx = _flat_rules.tag_factory(
-        optax.GradientTransformation(init_fn, update_fn), "scale_by_rmsprop"
+    tx = _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "rmsprop_update")
+    return _checks.with_state_check(tx, "rj.rmsprop_update")
+
+
+def scale_by_rmsprop(
+    *,
+    rho: float = 0.9,
+    epsilon: float = 1e-7,
+    centered: bool = False,
+    eps_in_sqrt: bool = True,
+    initial_accumulator_value: float = 0.0,
+    bias_correction: bool = False,
+    accumulator_dtype: Any = None,
+    sparse_mode: str = "lazy",
+    **unsupported: Any,
+) -> optax.GradientTransformation:
+    r"""RMSprop's scaling in optax's convention: ``g / sqrt(v + eps)``, no learning rate, no sign.
+
+    Like every optax ``scale_by_*`` (``optax.scale_by_rms``), the output is to
+    be followed by a learning rate, e.g. ``optax.scale_by_learning_rate(lr)``,
+    which also turns it into a descent direction; momentum is ``optax.trace``
+    after it. It is :func:`rmsprop_update` with ``learning_rate=1`` and the
+    sign flipped (bit for bit the same arithmetic). Keyword-only, so that a
+    call written for the complete :func:`rmsprop_update` cannot pass a learning
+    rate as ``rho``.
+
+    Args:
+      rho, epsilon, centered, eps_in_sqrt, initial_accumulator_value,
+      bias_correction, accumulator_dtype, sparse_mode: as :func:`rmsprop_update`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`RMSpropState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
+      >>> tx = optax.chain(rj.scale_by_rmsprop(), optax.scale_by_learning_rate(0.1))
+      >>> params = jnp.array([10.0])
+      >>> updates, _ = tx.update(params, tx.init(params), params)  # g = w
+      >>> optax.apply_updates(params, updates)
+      Array([9.683772], dtype=float32)
+    """
+    if unsupported:
+        raise TypeError(
+            f"rj.scale_by_rmsprop got {sorted(unsupported)}: it follows optax's scale_by_* "
+            "convention (no learning rate, no sign, no momentum; chain "
+            "optax.scale_by_learning_rate and optax.trace after it). The complete step, with "
+            "learning_rate, momentum and the other conventions, is rj.rmsprop_update(...)"
+        )
+    return rmsprop_update(
+        1.0,
+        rho,
+        epsilon,
+        centered,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_accumulator_value=initial_accumulator_value,
+        bias_correction=bias_correction,
+        maximize=True,  # -(1 * (-g) / d): the positive scaled gradient, as optax
+        accumulator_dtype=accumulator_dtype,
+        sparse_mode=sparse_mode,
     )
-    return _checks.with_state_check(tx, "rj.scale_by_rmsprop")

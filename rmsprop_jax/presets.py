@@ -1,6 +1,6 @@
 """Porting presets: each framework's own argument names and defaults, same trajectories.
 
-Every preset is a short mapping onto :func:`rmsprop_jax.scale_by_rmsprop` and
+Every preset is a short mapping onto :func:`rmsprop_jax.rmsprop_update` and
 the feature transforms; none repeats the arithmetic. Each validates with the
 framework's own argument names (``alpha must be in [0, 1)`` for PyTorch) and
 rejects unknown keyword arguments with the list of valid ones.
@@ -129,7 +129,7 @@ def tf2(
     if clipvalue:
         pieces.append(transforms.clip_by_value(clipvalue, sum_duplicates=False))
     pieces.append(
-        core.scale_by_rmsprop(
+        core.rmsprop_update(
             schedule,
             _float32_rounded(rho),
             epsilon,
@@ -222,7 +222,7 @@ def torch(
     """
     _check_torch_style(lr, alpha, eps, weight_decay)
     _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-    core_tx = core.scale_by_rmsprop(
+    core_tx = core.rmsprop_update(
         lr,
         alpha,
         eps,
@@ -275,7 +275,7 @@ def oneflow(
         _checks.check_range("clip_grad_norm_type", clip_grad_norm_type, 0.0, low_open=True)
         pieces.append(transforms.clip_by_p_norm(clip_grad_max_norm, clip_grad_norm_type))
     pieces += _coupled_l2_preamble(False, weight_decay)
-    pieces.append(core.scale_by_rmsprop(lr, alpha, eps, centered))
+    pieces.append(core.rmsprop_update(lr, alpha, eps, centered))
     return _flat_rules.with_extra_args(alias._chain(pieces))
 
 

@@ -355,5 +355,32 @@ def test_rho_must_be_a_number():
 def test_int8_state_is_available():  # its behaviour: tests/test_quantization.py
     from rmsprop_jax.quantization import QuantizedArray
 
-    state = rj.scale_by_rmsprop(accumulator_dtype="int8").init({"w": jnp.zeros((64, 64))})
+    state = rj.rmsprop_update(accumulator_dtype="int8").init({"w": jnp.zeros((64, 64))})
     assert isinstance(state.velocity["w"], QuantizedArray)
+
+
+def test_scale_by_rmsprop_follows_optax_convention():
+    """chain(rj.scale_by_rmsprop(), optax.scale_by_learning_rate(lr)) is rj.rmsprop(lr) up to the
+    rounding order ((g / d) * lr vs (lr * g) / d: an ulp), and optax's own chain."""
+    params = {"w": jnp.linspace(-1.0, 2.0, 7), "b": jnp.ones((2, 3))}
+    grads = [jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1)), params) for k in range(4)]
+    ours = optax.chain(
+        rj.scale_by_rmsprop(rho=0.8, epsilon=1e-6), optax.scale_by_learning_rate(0.1)
+    )
+    whole, _, _ = run(rj.rmsprop(0.1, rho=0.8, epsilon=1e-6), params, grads)
+    chained, _, _ = run(ours, params, grads)
+    for a, b in zip(jax.tree.leaves(chained), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    theirs = optax.chain(
+        optax.scale_by_rms(decay=0.8, eps=1e-6, eps_in_sqrt=True), optax.scale_by_learning_rate(0.1)
+    )
+    peer, _, _ = run(theirs, params, grads)
+    for a, b in zip(jax.tree.leaves(chained), jax.tree.leaves(peer)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_scale_by_rmsprop_refuses_a_learning_rate():
+    with pytest.raises(TypeError, match=r"optax's scale_by_\* convention.*rj\.rmsprop_update"):
+        rj.scale_by_rmsprop(learning_rate=0.01)
+    with pytest.raises(TypeError, match="positional"):
+        rj.scale_by_rmsprop(0.01)  # would have been rho: keyword-only

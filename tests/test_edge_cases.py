@@ -51,7 +51,7 @@ def test_state_from_other_options_is_refused_naming_the_option(option, ours, the
 @pytest.mark.parametrize(
     "make",
     [
-        lambda **kw: rj.scale_by_rmsprop(**kw),
+        lambda **kw: rj.rmsprop_update(**kw),
         lambda **kw: rj.presets.torch(**kw),
         lambda **kw: rj.presets.tf1(0.1, **kw),
     ],

@@ -26,8 +26,8 @@ Every test case of theirs that builds rmsprop is re-run once per implementation 
 * ``rmsprop_keras``: ``rj.rmsprop`` itself (optax's cases pass only ``learning_rate`` and
   ``momentum``, Keras' names too), in the tests that read the factory's signature only
   (``SIGNATURE_TESTS``: ``inject_hyperparams``, the learning-rate annotation);
-* ``scale_by_rmsprop``: ``rj.scale_by_rmsprop(learning_rate=1, maximize=True)``, whose
-  update ``+g / d`` is what ``optax.scale_by_rms`` returns (:func:`scale_by_rms_adapter`).
+* ``scale_by_rmsprop``: ``rj.scale_by_rmsprop`` (optax's convention: ``+g / d``, what
+  ``optax.scale_by_rms`` returns), with optax's argument names (:func:`scale_by_rms_adapter`).
 
 How. absl's ``parameterized`` expands each test into methods (``test_optimization100``)
 whose closure holds the parameters and whose ``__wrapped__`` is the test body. For each
@@ -177,15 +177,13 @@ def scale_by_rms_adapter(
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
 ) -> optax.GradientTransformation:
-    """``optax.scale_by_rms``: ``+g / d``, i.e. our ``-lr * (-g) / d`` with lr = 1."""
+    """``optax.scale_by_rms``'s argument names onto ``rj.scale_by_rmsprop``."""
     return rj.scale_by_rmsprop(
-        1.0,
-        decay,
-        eps,
+        rho=decay,
+        epsilon=eps,
         eps_in_sqrt=eps_in_sqrt,
         initial_accumulator_value=initial_scale,
         bias_correction=bias_correction,
-        maximize=True,
     )
 
 

@@ -130,7 +130,7 @@ def _params():
 
 def test_state_layout_and_bytes_per_param():
     params = _params()
-    state = rj.scale_by_rmsprop(accumulator_dtype="int8", momentum=0.9, centered=True).init(params)
+    state = rj.rmsprop_update(accumulator_dtype="int8", momentum=0.9, centered=True).init(params)
     v = state.velocity
     for name in ("big", "edge", "half"):
         assert isinstance(v[name], Q.QuantizedArray)
@@ -141,7 +141,7 @@ def test_state_layout_and_bytes_per_param():
     for slot in (state.average_gradient, state.momentum):
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(slot))
     # bytes from the state's own arrays: 1 + 4/256 per element of a large tensor
-    big = rj.scale_by_rmsprop(accumulator_dtype="int8").init({"w": jnp.ones((4096, 1024))})
+    big = rj.rmsprop_update(accumulator_dtype="int8").init({"w": jnp.ones((4096, 1024))})
     nbytes = sum(x.nbytes for x in jax.tree.leaves(big))
     assert nbytes / (4096 * 1024) == 1 + 4 / 256 <= 1.05
     assert Q.state_bytes_per_param(big, {"w": jnp.ones((4096, 1024))}) == 1.015625
@@ -154,7 +154,7 @@ def test_state_layout_and_bytes_per_param():
 
 def test_initial_accumulator_value_is_exact():
     params = {"w": jnp.zeros((100, 100))}
-    tx = rj.scale_by_rmsprop(accumulator_dtype="int8", initial_accumulator_value=0.1)
+    tx = rj.rmsprop_update(accumulator_dtype="int8", initial_accumulator_value=0.1)
     v = tx.init(params).velocity["w"]
     np.testing.assert_array_equal(np.asarray(Q.dequantize(v, (100, 100))), np.float32(0.1))
 
@@ -182,9 +182,9 @@ def _track(rho, scale, n=200, **kw):
 
     params = {"w": jnp.zeros(shape)}
     p8, s8, _ = _steps(
-        rj.scale_by_rmsprop(0.01, rho=rho, accumulator_dtype="int8", **kw), params, grads, n
+        rj.rmsprop_update(0.01, rho=rho, accumulator_dtype="int8", **kw), params, grads, n
     )
-    p32, s32, _ = _steps(rj.scale_by_rmsprop(0.01, rho=rho, **kw), params, grads, n)
+    p32, s32, _ = _steps(rj.rmsprop_update(0.01, rho=rho, **kw), params, grads, n)
     v8 = np.asarray(Q.dequantize(s8.velocity["w"], shape))
     v32 = np.asarray(s32.velocity["w"])
     absmax = np.repeat(np.asarray(s8.velocity["w"].absmax), 256).reshape(shape)
@@ -328,7 +328,7 @@ def test_state_is_a_plain_pytree_for_checkpoints():
 
 def test_structure_errors_still_name_the_leaf():
     params = {"w": jnp.zeros((128, 64)), "b": jnp.zeros((3,))}
-    tx = rj.scale_by_rmsprop(accumulator_dtype="int8")
+    tx = rj.rmsprop_update(accumulator_dtype="int8")
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"state has \['velocity/b'\].*init has \['velocity/c'\]"):
         tx.update({"w": jnp.zeros((128, 64)), "c": jnp.zeros((3,))}, state)

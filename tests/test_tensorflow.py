@@ -332,7 +332,7 @@ def test_detects_lazy_rows_on_tf2_sparse_plain_path():
     cfg = {"learning_rate": 0.01, "rho": 0.9, "epsilon": 1e-7}
     params0, grads = _data("sparse", 22)
     theirs = run_tensorflow("tf2", cfg, params0, grads)
-    lazy = rj.scale_by_rmsprop(
+    lazy = rj.rmsprop_update(
         0.01, float(np.float32(0.9)), 1e-7, eps_in_sqrt=False, sparse_mode="lazy"
     )
     worst = compare(run_ours(lazy, params0, grads), theirs, params0)

@@ -434,7 +434,7 @@ def test_ema_validates_arguments():
 @pytest.mark.parametrize("n", [2, 3])
 def test_accumulate_gradients_keras_semantics(n):
     lr = 0.1
-    inner = rj.scale_by_rmsprop(lr)
+    inner = rj.rmsprop_update(lr)
     tx = optax.chain(rj.accumulate_gradients(inner, n))
     w = jnp.array([1.0, 2.0])
     state = tx.init(w)
@@ -466,8 +466,8 @@ def test_accumulate_gradients_matches_multisteps_constant_lr():
     rng = np.random.default_rng(0)
     gs = [jnp.asarray(rng.normal(size=(2, 2)).astype(np.float32)) for _ in range(3 * n)]
     w0 = jnp.ones((2, 2))
-    ours, _ = run_chain(rj.accumulate_gradients(rj.scale_by_rmsprop(0.05), n), w0, gs)
-    multi = optax.MultiSteps(rj.scale_by_rmsprop(0.05), every_k_schedule=n)
+    ours, _ = run_chain(rj.accumulate_gradients(rj.rmsprop_update(0.05), n), w0, gs)
+    multi = optax.MultiSteps(rj.rmsprop_update(0.05), every_k_schedule=n)
     theirs, _ = run_chain(multi, w0, gs)
     for cycle in range(1, 4):
         close(ours[cycle * n - 1], theirs[cycle * n - 1], rtol=1e-6, atol=1e-6)
@@ -546,7 +546,7 @@ def test_unscale_gradients_divides():
 def test_dynamic_loss_scale_keras_semantics():
     lr = 0.1
     tx = optax.chain(
-        rj.dynamic_loss_scale(rj.scale_by_rmsprop(lr), initial_scale=8.0, dynamic_growth_steps=2)
+        rj.dynamic_loss_scale(rj.rmsprop_update(lr), initial_scale=8.0, dynamic_growth_steps=2)
     )
     w = jnp.array([1.0, 2.0])
     state = tx.init(w)
@@ -775,13 +775,13 @@ def _lowered_update(tx, p):
     return jax.jit(step).lower(p, s, p).as_text()
 
 
-def test_plain_config_is_exactly_scale_by_rmsprop():
+def test_plain_config_is_exactly_rmsprop_update():
     p = {"w": jnp.ones(3), "b": jnp.ones(())}
     state = rj.rmsprop().init(p)
     assert type(state) is rj.RMSpropState
-    assert _lowered_update(rj.rmsprop(), p) == _lowered_update(rj.scale_by_rmsprop(), p)
+    assert _lowered_update(rj.rmsprop(), p) == _lowered_update(rj.rmsprop_update(), p)
     assert _lowered_update(rj.rmsprop(0.1, momentum=0.9, centered=True), p) == _lowered_update(
-        rj.scale_by_rmsprop(0.1, centered=True, momentum=0.9), p
+        rj.rmsprop_update(0.1, centered=True, momentum=0.9), p
     )
 
 
