@@ -16,12 +16,12 @@ from rmsprop_jax.transforms import (
     clip_by_value,
     densify,
     dynamic_loss_scale,
-    ema,
     ema_params,
     global_norm,
     loss_scale,
     on_touched_rows,
     unscale_gradients,
+    weight_ema,
 )
 from rmsprop_jax.utils import apply_updates
 
@@ -42,7 +42,6 @@ __all__ = [
     "contiguous",
     "densify",
     "dynamic_loss_scale",
-    "ema",
     "ema_params",
     "global_norm",
     "label_leaves",
@@ -59,4 +58,5 @@ __all__ = [
     "transforms",
     "unscale_gradients",
     "value_and_sparse_grad",
+    "weight_ema",
 ]

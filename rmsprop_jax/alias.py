@@ -169,7 +169,7 @@ def rmsprop(
     update = _chain(update_pieces)
     pieces.append(update if steps == 1 else transforms.accumulate_gradients(update, steps))
     if use_ema:
-        pieces.append(transforms.ema(ema_momentum, ema_overwrite_frequency, steps))
+        pieces.append(transforms.weight_ema(ema_momentum, ema_overwrite_frequency, steps))
     return _checks.with_state_check(_chain(pieces), "rj.rmsprop")
 
 

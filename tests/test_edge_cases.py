@@ -198,7 +198,7 @@ def test_inject_hyperparams_traced_accumulation_steps_names_static_args():
     "make",
     [
         lambda: rj.rmsprop(use_ema=True),
-        lambda: rj.ema(0.9),
+        lambda: rj.weight_ema(0.9),
         lambda: rj.rmsprop(gradient_accumulation_steps=2, use_ema=True, momentum=0.5),
     ],
 )

@@ -324,7 +324,7 @@ def _ema_np(ws, k, steps=1, overwrite=None):
 
 def test_ema_first_step_copies_then_momentum():
     k = 0.9
-    tx = optax.chain(optax.sgd(1.0), rj.ema(k))
+    tx = optax.chain(optax.sgd(1.0), rj.weight_ema(k))
     w0 = np.array([1.0, 2.0], np.float32)
     gs = [
         np.array([0.5, -1.0], np.float32),
@@ -349,7 +349,7 @@ def test_ema_first_step_copies_then_momentum():
 
 def test_ema_overwrite_every_nth_call():
     k, freq = 0.5, 2
-    tx = optax.chain(optax.sgd(1.0), rj.ema(k, ema_overwrite_frequency=freq))
+    tx = optax.chain(optax.sgd(1.0), rj.weight_ema(k, ema_overwrite_frequency=freq))
     w = jnp.array([1.0, -2.0])
     state = tx.init(w)
     w_np, avg = f64(w), None
@@ -369,7 +369,7 @@ def test_ema_overwrite_every_nth_call():
 
 def test_ema_with_gradient_accumulation_counts_update_steps():
     k, n = 0.5, 2
-    tx = optax.chain(optax.sgd(1.0), rj.ema(k, gradient_accumulation_steps=n))
+    tx = optax.chain(optax.sgd(1.0), rj.weight_ema(k, gradient_accumulation_steps=n))
     w0 = jnp.array([4.0])
     gs = [jnp.array([1.0]) * (i + 1) for i in range(5)]
     hist, state = run_chain(tx, w0, gs)
@@ -388,7 +388,7 @@ def test_ema_params_finds_the_ema_everywhere():
     p = {"w": jnp.array([1.0, 2.0])}
     g = {"w": jnp.array([0.1, -0.2])}
     holders = {
-        "chain": optax.chain(optax.sgd(0.1), rj.ema(0.9)),
+        "chain": optax.chain(optax.sgd(0.1), rj.weight_ema(0.9)),
         "rmsprop": rj.rmsprop(0.1, use_ema=True),
         "rmsprop+accumulation": rj.rmsprop(0.1, use_ema=True, gradient_accumulation_steps=2),
         "dynamic_loss_scale": rj.dynamic_loss_scale(rj.rmsprop(0.1, use_ema=True), 1.0),
@@ -412,7 +412,7 @@ def test_ema_params_finds_the_ema_everywhere():
 
 
 def test_ema_needs_params():
-    tx = rj.ema(0.9)
+    tx = rj.weight_ema(0.9)
     with pytest.raises(ValueError, match="params"):
         tx.update(jnp.ones(1), tx.init(jnp.ones(1)))
 
@@ -420,10 +420,10 @@ def test_ema_needs_params():
 def test_ema_validates_arguments():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="ema_momentum"):
-            rj.ema(bad)
+            rj.weight_ema(bad)
     for bad in (0, -1, 2.0):
         with pytest.raises(ValueError, match="ema_overwrite_frequency"):
-            rj.ema(0.9, ema_overwrite_frequency=bad)
+            rj.weight_ema(0.9, ema_overwrite_frequency=bad)
 
 
 # ----------------------------------------------------------------------------------------

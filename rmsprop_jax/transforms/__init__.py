@@ -8,7 +8,7 @@ from rmsprop_jax.transforms.clipping import (
     clip_by_value,
     global_norm,
 )
-from rmsprop_jax.transforms.ema import EmaState, ema, ema_params
+from rmsprop_jax.transforms.ema import EmaState, ema_params, weight_ema
 from rmsprop_jax.transforms.loss_scaling import (
     DynamicLossScaleState,
     dynamic_loss_scale,
@@ -31,10 +31,10 @@ __all__ = [
     "clip_by_value",
     "densify",
     "dynamic_loss_scale",
-    "ema",
     "ema_params",
     "global_norm",
     "loss_scale",
     "on_touched_rows",
     "unscale_gradients",
+    "weight_ema",
 ]

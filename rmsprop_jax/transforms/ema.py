@@ -14,19 +14,19 @@ from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
     "EmaState",
-    "ema",
     "ema_params",
+    "weight_ema",
 ]
 
 
 class EmaState(NamedTuple):
-    """State of :func:`ema`."""
+    """State of :func:`weight_ema`."""
 
     count: chex.Array  # int32 scalar: calls so far (Keras' raw ``iterations``)
     ema: optax.Params  # the moving averages of the parameters, params' dtypes
 
 
-def ema(
+def weight_ema(
     ema_momentum: float = 0.99,
     ema_overwrite_frequency: int | None = None,
     gradient_accumulation_steps: int | None = None,
@@ -58,7 +58,7 @@ def ema(
 
     Example:
       >>> import jax.numpy as jnp, optax, rmsprop_jax as rj
-      >>> tx = optax.chain(optax.sgd(1.0), rj.ema(0.5))
+      >>> tx = optax.chain(optax.sgd(1.0), rj.weight_ema(0.5))
       >>> p = jnp.array([1.0]); s = tx.init(p)
       >>> for _ in range(2):
       ...     u, s = tx.update(jnp.array([1.0]), s, p); p = optax.apply_updates(p, u)
