@@ -1,4 +1,7 @@
-"""Argument validation and pytree checks shared by every factory.
+"""Argument validation and the state-vs-options check shared by every factory.
+
+Pytree helpers (paths, None-keeping flattening, finding a state) are in
+:mod:`rmsprop_jax._trees`.
 
 Hyperparameters are checked when the optimizer is built, with a message that
 names the argument, the value and the valid range. Values that are traced
@@ -9,7 +12,6 @@ are accepted as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,6 +20,11 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _flat_rules, quantization
+from rmsprop_jax._trees import (
+    flatten_with_none,
+    is_leaf_gradient,
+    path_name,
+)
 
 __all__ = [
     "check_inexact_leaves",
@@ -26,13 +33,8 @@ __all__ = [
     "check_same_structure",
     "check_state_matches",
     "concrete_float",
-    "find_state",
-    "flatten_with_none",
-    "is_leaf_gradient",
     "is_static_zero",
-    "map_leaves",
     "params_required",
-    "path_name",
     "with_state_check",
 ]
 
@@ -90,23 +92,6 @@ def params_required(transform: str) -> ValueError:
     return ValueError(f"{transform} reads the parameters: call update(grads, state, params)")
 
 
-def is_leaf_gradient(x: Any) -> bool:
-    """Leaves that must not be descended into: None (a missing gradient) and IndexedSlices."""
-    from rmsprop_jax.sparse import IndexedSlices  # sparse imports nothing of ours
-
-    return x is None or isinstance(x, IndexedSlices)
-
-
-def flatten_with_none(tree: Any):
-    """Flattens ``tree`` keeping ``None`` as a leaf, so a missing gradient keeps its slot."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf_gradient)
-
-
-def path_name(path) -> str:
-    """A leaf's path as ``"dense/bias"``, the name used in messages and regexes."""
-    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-
-
 def check_same_structure(grads: Any, reference: Any, reference_name: str = "params") -> None:
     """Raises ValueError naming the first path where ``grads`` and ``reference`` differ."""
     grad_leaves, grad_def = flatten_with_none(grads)
@@ -153,35 +138,6 @@ def check_inexact_leaves(tree: Any, what: str) -> None:
                 "float or complex leaves. Leave non-trainable leaves out of the tree, "
                 "use None for them, or mask them with optax.masked / optax.partition."
             )
-
-
-def map_leaves(fn: Callable, grads: Any, *trees: Any) -> tuple[list, Any]:
-    """Applies ``fn(path, g, *slots)`` to each leaf of ``grads``; None grads give None.
-
-    Slot trees that are None (an absent slot) are passed as None for every leaf.
-    Returns the flat list of results and the treedef to rebuild them with.
-    """
-    leaves, treedef = flatten_with_none(grads)
-    flat = [treedef.flatten_up_to(t) if t is not None else [None] * len(leaves) for t in trees]
-    return [fn(path, g, *slots) for (path, g), *slots in zip(leaves, *flat)], treedef
-
-
-def find_state(opt_state: Any, cls: type, purpose: str, hint: str = "") -> Any:
-    """The single instance of state class ``cls`` nested anywhere in ``opt_state``.
-
-    Raises ValueError (starting with ``purpose``) when there is none or several.
-    """
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
-        if isinstance(s, cls)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"{purpose}: expected exactly one {cls.__name__} in the optimizer state, "
-            f"found {len(found)}" + (hint if not found else "")
-        )
-    return found[0]
 
 
 def check_positive_int(name: str, value: Any) -> None:

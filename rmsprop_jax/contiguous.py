@@ -120,7 +120,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, transforms
+from rmsprop_jax import _checks, _flat_rules, _trees, transforms
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import IndexedSlices
 
@@ -188,19 +188,19 @@ class Layout:
 
 def _make_layout(params: Any, first: Callable[[int], bool] | None = None) -> Layout:
     """The layout of ``params``; within a dtype, leaves with ``first(i)`` True come first."""
-    leaves, treedef = _checks.flatten_with_none(params)
+    leaves, treedef = _trees.flatten_with_none(params)
     groups: dict[str, list[int]] = {}
     for i, (path, p) in enumerate(leaves):
         if p is None:
             continue
         if isinstance(p, IndexedSlices):
             raise TypeError(
-                f"rj.contiguous: params leaf {_checks.path_name(path)!r} is an IndexedSlices"
+                f"rj.contiguous: params leaf {_trees.path_name(path)!r} is an IndexedSlices"
             )
         dtype = jnp.result_type(p)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"rj.contiguous: params leaf {_checks.path_name(path)!r} has dtype {dtype}; "
+                f"rj.contiguous: params leaf {_trees.path_name(path)!r} has dtype {dtype}; "
                 "only float and complex leaves can be stored flat (leave the others out, "
                 "or make them None)"
             )
@@ -216,7 +216,7 @@ def _make_layout(params: Any, first: Callable[[int], bool] | None = None) -> Lay
             placed[i] = (g, offset, shape)
             offset += int(np.prod(shape, dtype=np.int64))
         sizes.append((name, offset))
-    paths = tuple(_checks.path_name(path) for path, _ in leaves)
+    paths = tuple(_trees.path_name(path) for path, _ in leaves)
     return Layout(treedef, tuple(sizes), tuple(placed), paths)
 
 
@@ -323,7 +323,7 @@ def flatten(params: Any) -> tuple[FlatParams, Callable[[FlatParams], Any]]:
     if isinstance(params, FlatParams):
         return params, _unflatten_fn(params.layout)
     layout = _make_layout(params)
-    leaves = [leaf for _, leaf in _checks.flatten_with_none(params)[0]]
+    leaves = [leaf for _, leaf in _trees.flatten_with_none(params)[0]]
     return FlatParams(_concat(layout, leaves), layout), _unflatten_fn(layout)
 
 
@@ -784,7 +784,7 @@ def contiguous(
                 first = flags.__getitem__
             layout = _make_layout(params, first)
             flat = FlatParams(
-                _concat(layout, [p for _, p in _checks.flatten_with_none(params)[0]]), layout
+                _concat(layout, [p for _, p in _trees.flatten_with_none(params)[0]]), layout
             )
         return ContiguousState(inner.init(flat), layout)
 
@@ -835,7 +835,7 @@ def _presence(present):
 
 
 def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
-    leaves, treedef = _checks.flatten_with_none(grads)
+    leaves, treedef = _trees.flatten_with_none(grads)
     if treedef != layout.treedef:
         _checks.check_same_structure(grads, layout.treedef.unflatten([0] * len(layout.leaves)))
         raise ValueError(
@@ -844,7 +844,7 @@ def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
     values: list[Any] = []
     present = []
     for (path, g), spec in zip(leaves, layout.leaves):
-        name = _checks.path_name(path)
+        name = _trees.path_name(path)
         if isinstance(g, IndexedSlices):
             raise TypeError(
                 f"rj.contiguous: grads leaf {name!r} is an IndexedSlices; row-sparse updates "
@@ -870,7 +870,7 @@ def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
 
 
 def _flatten_params(layout: Layout, params) -> FlatParams:
-    leaves, treedef = _checks.flatten_with_none(params)
+    leaves, treedef = _trees.flatten_with_none(params)
     if treedef != layout.treedef:
         _checks.check_same_structure(params, layout.treedef.unflatten([0] * len(layout.leaves)))
         raise ValueError(
@@ -880,8 +880,8 @@ def _flatten_params(layout: Layout, params) -> FlatParams:
     for (path, p), spec in zip(leaves, layout.leaves):
         if spec is not None:
             if p is None:
-                raise ValueError(f"rj.contiguous: params leaf {_checks.path_name(path)!r} is None")
-            _check_leaf(layout, spec, p, _checks.path_name(path), "params")
+                raise ValueError(f"rj.contiguous: params leaf {_trees.path_name(path)!r} is None")
+            _check_leaf(layout, spec, p, _trees.path_name(path), "params")
         values.append(p)
     return FlatParams(_concat(layout, values), layout)
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules, quantization
+from rmsprop_jax import _checks, _flat_rules, _schedules, _trees, quantization
 from rmsprop_jax.sparse import IndexedSlices
 
 __all__ = [
@@ -405,12 +405,12 @@ def rmsprop_update(
                 return None, v, a, m
             if v is None:
                 raise ValueError(
-                    f"grads leaf {_checks.path_name(path)!r} has a gradient, but its parameter "
+                    f"grads leaf {_trees.path_name(path)!r} has a gradient, but its parameter "
                     "was None when the state was built, so it has no slots: pass None as its "
                     "gradient (a frozen leaf), or build the state with the parameter present"
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
-                quantization.check_dense_gradient(g, _checks.path_name(path))
+                quantization.check_dense_gradient(g, _trees.path_name(path))
                 v = quantization.dequantize(v, jnp.shape(g))
                 update, v, a, m = rmsprop_leaf_update(
                     g, v, a, m, lr, bias_denominator, **leaf_options
@@ -419,7 +419,7 @@ def rmsprop_update(
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(
-                        f"grads leaf {_checks.path_name(path)!r} is an IndexedSlices of "
+                        f"grads leaf {_trees.path_name(path)!r} is an IndexedSlices of "
                         f"dense_shape {g.dense_shape} but the parameter has shape {v.shape}"
                     )
                 return rmsprop_rows_update(
@@ -427,7 +427,7 @@ def rmsprop_update(
                 )
             return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
 
-        results, treedef = _checks.map_leaves(
+        results, treedef = _trees.map_leaves(
             leaf, updates, state.velocity, state.average_gradient, state.momentum
         )
         columns = (

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _trees
 
 __all__ = [
     "label_leaves",
@@ -37,7 +37,7 @@ def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = No
             raise ValueError(f"param_groups: invalid regex {pattern!r}: {err}") from None
 
     def label(path, _):
-        name = _checks.path_name(path)
+        name = _trees.path_name(path)
         for pattern, group in compiled:
             if pattern.search(name):
                 return group
@@ -49,7 +49,7 @@ def label_leaves(params: Any, rules: Mapping[str, str], default: str | None = No
         return default
 
     # optax.partition labels the updates too: a row-sparse gradient is one leaf.
-    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_checks.is_leaf_gradient)
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_trees.is_leaf_gradient)
 
 
 def param_groups(
@@ -84,7 +84,7 @@ def param_groups(
         def label_fn(params: Any) -> Any:
             # A flat dict with exactly the params' keys is a label pytree, not regexes
             # ({"w": ..., "w_bias": ...}: the regex "w" would also match "w_bias").
-            flat = jax.tree.structure(params, is_leaf=_checks.is_leaf_gradient)
+            flat = jax.tree.structure(params, is_leaf=_trees.is_leaf_gradient)
             if jax.tree.structure(rules) == flat:  # type: ignore[operator]  # PyTreeDef stub
                 return rules
             return label_leaves(params, rules, default)

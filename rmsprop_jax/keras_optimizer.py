@@ -67,7 +67,7 @@ if keras.backend.backend() != "jax":
         f"got {keras.backend.backend()!r}"
     )
 
-from rmsprop_jax import _checks, transforms
+from rmsprop_jax import _checks, _trees, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.optimizer import sync_counters
 from rmsprop_jax.sparse import IndexedSlices
@@ -347,7 +347,7 @@ class RMSprop(keras.optimizers.Optimizer):
             )
             field = _field_before(path, key_at)
             if key_at is None or field not in _SLOTS:  # not a per-variable slot: kept as is
-                extra.append((position, "rj_" + _checks.path_name(path).replace("/", "_")))
+                extra.append((position, "rj_" + _trees.path_name(path).replace("/", "_")))
                 continue
             variable_path = path[key_at].key
             suffix = "_".join(str(getattr(k, "name", k)) for k in path[key_at + 1 :])
@@ -441,7 +441,7 @@ class RMSprop(keras.optimizers.Optimizer):
         if self.use_ema and self.ema_overwrite_frequency:
             # Keras writes the averages themselves (w + (avg - w) may differ by one rounding).
             overwrite = (calls // self._accumulation_steps + 1) % self.ema_overwrite_frequency == 0
-            ema = _checks.find_state(new_state, EmaState, "RMSprop").ema
+            ema = _trees.find_state(new_state, EmaState, "RMSprop").ema
             new_params = jax.tree.map(lambda a, w: jnp.where(overwrite, a, w), ema, new_params)
         for key, v in zip(self._rj_keys, self._rj_stepped):
             self.assign(v, jnp.asarray(new_params[key], v.dtype))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, _schedules, alias, core
+from rmsprop_jax import _checks, _schedules, _trees, alias, core
 from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.accumulation import AccumulationState
 from rmsprop_jax.transforms.ema import EmaState
@@ -193,7 +193,7 @@ class RMSprop:
                 updates,
                 _find(new_state, EmaState).ema,
                 new_params,
-                is_leaf=_checks.is_leaf_gradient,
+                is_leaf=_trees.is_leaf_gradient,
             )
         return new_params, new_state
 
@@ -433,7 +433,7 @@ def _serialize_learning_rate(value: Any) -> Any:
 
 
 def _find(opt_state: Any, cls: type) -> Any:
-    return _checks.find_state(opt_state, cls, "RMSprop")
+    return _trees.find_state(opt_state, cls, "RMSprop")
 
 
 def sync_counters(opt_state: Any, calls: Any, steps: int) -> Any:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, core
+from rmsprop_jax import _trees, core
 
 __all__ = [
     "TORCH_SLOTS",
@@ -46,7 +46,7 @@ def _is_slot_leaf(x: Any) -> bool:
 
 def _leaf_index(params: Any, order: Sequence[str] | None) -> list[int]:
     """For each leaf of ``params`` (tree order), its index in the torch parameter list."""
-    paths = [_checks.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [_trees.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if order is None:
         if paths and all(p.isdigit() for p in paths):
             # {"0": w0, ..., "11": w11}: the numbers are torch's indices; the tree's own order
@@ -86,7 +86,7 @@ def import_torch_state(
     index = _leaf_index(params, order)
     # Keys are ints in torch, strings after a JSON round trip: the same parameter numbers.
     torch_state = {int(k): v for k, v in state_dict["state"].items()}
-    paths = [_checks.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [_trees.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
     def fill(s: core.RMSpropState) -> core.RMSpropState:
         fields = {}

@@ -16,7 +16,7 @@ from rmsprop_jax.core import RMSpropState
 
 
 def _rmsprop_state(state):
-    return rj._checks.find_state(state, RMSpropState, "test")
+    return rj._trees.find_state(state, RMSpropState, "test")
 
 
 # --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules
+from rmsprop_jax import _checks, _flat_rules, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -129,6 +129,6 @@ def ema_params(opt_state: Any) -> Any:
     Raises:
       ValueError: when the state holds no EMA, or more than one.
     """
-    return _checks.find_state(
+    return _trees.find_state(
         opt_state, EmaState, "ema_params", "; build the optimizer with use_ema=True"
     ).ema

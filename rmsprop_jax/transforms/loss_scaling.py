@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules
+from rmsprop_jax import _checks, _flat_rules, _trees
 from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.utils import zeros_like_shape
 
@@ -147,6 +147,6 @@ def loss_scale(opt_state: Any) -> jax.Array:
 
     Multiply the loss by it inside the jitted step, before ``jax.grad``.
     """
-    return _checks.find_state(
+    return _trees.find_state(
         opt_state, DynamicLossScaleState, "loss_scale", "; wrap the optimizer in dynamic_loss_scale"
     ).scale

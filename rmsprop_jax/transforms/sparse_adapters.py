@@ -29,7 +29,7 @@ import jax
 import optax
 from jax.extend.core import Literal
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = ["densify", "on_touched_rows"]
@@ -188,11 +188,11 @@ def on_touched_rows(inner: optax.GradientTransformation) -> optax.GradientTransf
 
     def update_fn(updates, state, params=None, **extra_args):
         check_sparse_leaves(updates, "grads")
-        flat, treedef = _checks.flatten_with_none(updates)
+        flat, treedef = _trees.flatten_with_none(updates)
         positions = [i for i, (_, g) in enumerate(flat) if isinstance(g, IndexedSlices)]
         if not positions:
             return inner.update(updates, state, params, **extra_args)
-        names = {i: _checks.path_name(flat[i][0]) for i in positions}
+        names = {i: _trees.path_name(flat[i][0]) for i in positions}
         rows = {i: flat[i][1].deduplicate() for i in positions}
         param_leaves = None if params is None else treedef.flatten_up_to(params)
 

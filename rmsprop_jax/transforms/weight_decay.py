@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules
+from rmsprop_jax import _checks, _flat_rules, _schedules, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -58,7 +58,7 @@ def compile_exclusion(exclude: Exclusion) -> Callable[[Any], Any]:
         def by_name(params):
             leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
             return treedef.unflatten(
-                [pattern.search(_checks.path_name(path)) is None for path, _ in leaves]
+                [pattern.search(_trees.path_name(path)) is None for path, _ in leaves]
             )
 
         return by_name
