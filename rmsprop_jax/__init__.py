@@ -1,11 +1,12 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import porting, presets, sharding, transforms
+from rmsprop_jax import presets, sharding, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, rmsprop_update, scale_by_rmsprop
 from rmsprop_jax.groups import label_leaves, param_groups
-from rmsprop_jax.optimizer import RMSprop, RMSpropOptimizerState
+from rmsprop_jax.integrations import porting
+from rmsprop_jax.integrations.keras_functional import RMSprop, RMSpropOptimizerState
 from rmsprop_jax.sparse import IndexedSlices, value_and_sparse_grad
 from rmsprop_jax.transforms import (
     accumulate_gradients,

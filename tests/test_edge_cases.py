@@ -18,7 +18,7 @@ import pytest
 from _jit import CountingJit
 
 import rmsprop_jax as rj
-from rmsprop_jax import porting
+from rmsprop_jax.integrations import porting
 
 P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
 G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
