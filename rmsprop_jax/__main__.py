@@ -1,66 +1,33 @@
 """Command line: ``python -m rmsprop_jax <command> [flags]`` (or ``rmsprop-jax``).
 
-Each subcommand lives in its own module and is imported only when it runs,
-so ``--help`` stays fast and a missing optional extra only affects its own
-command.  To add one (e.g. ``bench`` or ``conformance``), write a
-``_add_<name>(subparsers)`` function below and list it in ``_COMMANDS``.
+Each command is a module of :mod:`rmsprop_jax.cli` with a ``DESCRIPTION``, an
+``add_arguments(parser)`` and an entry point taking the parsed arguments. To add
+one, write the module and list it in ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax.cli import demo
-
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a small MLP on sklearn digits and plot the loss curve",
-        description=demo.DESCRIPTION,
-    )
-    demo.add_arguments(parser)
-    parser.set_defaults(func=demo.run)
-
-
-def _add_conformance(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax.cli import conformance
-
-    parser = subparsers.add_parser(
+# (command = module of rmsprop_jax.cli, one-line help, entry point)
+COMMANDS = (
+    ("demo", "train a small MLP on sklearn digits and plot the loss curve", "run"),
+    (
         "conformance",
-        help="run every installed peer (torch, optax, keras, ...) side by side with our presets",
-        description=conformance.__doc__.split("\n\n")[0],
-    )
-    conformance.add_arguments(parser)
-    parser.set_defaults(func=conformance.main)
-
-
-def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax.cli import bench
-
-    parser = subparsers.add_parser(
+        "run every installed peer (torch, optax, keras, ...) side by side with our presets",
+        "main",
+    ),
+    (
         "bench",
-        help="time one optimizer step against optax, Keras, PyTorch and the memory floor",
-        description=bench.DESCRIPTION,
-    )
-    bench.add_arguments(parser)
-    parser.set_defaults(func=bench.main)
-
-
-def _add_parity(subparsers: argparse._SubParsersAction) -> None:
-    from rmsprop_jax.cli import parity
-
-    parser = subparsers.add_parser(
-        "parity",
-        help="final training loss with float32, bfloat16 and int8 optimizer state",
-        description=parity.DESCRIPTION,
-    )
-    parity.add_arguments(parser)
-    parser.set_defaults(func=parity.main)
-
-
-_COMMANDS = (_add_demo, _add_conformance, _add_bench, _add_parity)
+        "time one optimizer step against optax, Keras, PyTorch and the memory floor",
+        "main",
+    ),
+    ("parity", "final training loss with float32, bfloat16 and int8 optimizer state", "main"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="rmsprop_jax command line tools.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _COMMANDS:
-        add(subparsers)
+    for name, help_text, entry in COMMANDS:
+        module = importlib.import_module(f"rmsprop_jax.cli.{name}")
+        command = subparsers.add_parser(name, help=help_text, description=module.DESCRIPTION)
+        module.add_arguments(command)
+        command.set_defaults(func=getattr(module, entry))
     return parser
 
 

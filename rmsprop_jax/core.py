@@ -336,6 +336,10 @@ def rmsprop_update(
     References:
       Hinton, Neural Networks for Machine Learning, lecture 6e, 2012.
       Graves, Generating Sequences With Recurrent Neural Networks, 2013.
+
+    Long because ``init_fn`` and ``update_fn`` are closures over the validated
+    options, as in every optax factory; the arithmetic itself is
+    :func:`rmsprop_leaf_update`.
     """
     _checks.check_range("rho", rho, 0.0, 1.0, high_open=True)
     _checks.check_range("epsilon", epsilon, 0.0)

@@ -688,7 +688,11 @@ def _sparse_floor_fn(config: str):
 
 
 def make_sparse_contenders(config: str, quick: bool, seed: int) -> tuple[int, list, list[str]]:
-    """(params, contenders, notes) of the sparse case."""
+    """(params, contenders, notes) of the sparse case.
+
+    Long on purpose: each contender (floors, dense, row-sparse, through optax) is
+    defined next to the others, in the order of the table's rows.
+    """
     import jax.numpy as jnp
 
     import rmsprop_jax as rj

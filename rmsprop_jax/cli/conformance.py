@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
+    "DESCRIPTION",
     "PEERS",
     "SHAPES",
     "TOLERANCE",
@@ -27,6 +28,8 @@ __all__ = [
     "main",
     "run",
 ]
+
+DESCRIPTION = (__doc__ or "").split("\n\n")[0]
 
 TOLERANCE = 1e-6
 SHAPES = ((3,), (2, 2))

@@ -259,6 +259,9 @@ def train(
 ) -> dict[str, Any]:
     """Train the digits MLP with ``rmsprop_jax.rmsprop`` and plot the curves.
 
+    Long on purpose: it is the demo's script (data, model, one- or multi-device
+    step, loop, plot) read top to bottom, as a user would write it.
+
     Args:
       epochs: passes over the training set (>= 1).
       learning_rate: RMSprop step size (> 0).

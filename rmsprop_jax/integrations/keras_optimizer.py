@@ -88,6 +88,30 @@ _SLOTS = {
     "average_gradient": "average_gradient",
 }
 _GROUP_ORDER = list(_SLOTS.values())
+# Options of rj.rmsprop held as attributes: Keras' base optimizer's, then RMSprop's and ours.
+_BASE_OPTIONS = (
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "gradient_accumulation_steps",
+)
+_RMSPROP_OPTIONS = (
+    "rho",
+    "momentum",
+    "epsilon",
+    "centered",
+    "nesterov",
+    "eps_in_sqrt",
+    "lr_in_momentum",
+    "initial_accumulator_value",
+    "bias_correction",
+    "maximize",
+    "accumulator_dtype",
+)
 
 
 class _StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -281,29 +305,8 @@ class RMSprop(keras.optimizers.Optimizer):
                 key: not (decayed[key] and self._use_weight_decay(variable))
                 for key, variable in zip(self._rj_keys, self._rj_stepped)
             }
-        return rmsprop(
-            learning_rate,
-            rho=self.rho,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            centered=self.centered,
-            weight_decay=self.weight_decay,
-            clipnorm=self.clipnorm,
-            clipvalue=self.clipvalue,
-            global_clipnorm=self.global_clipnorm,
-            use_ema=self.use_ema,
-            ema_momentum=self.ema_momentum,
-            ema_overwrite_frequency=self.ema_overwrite_frequency,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            exclude_from_weight_decay=exclude,
-            nesterov=self.nesterov,
-            eps_in_sqrt=self.eps_in_sqrt,
-            lr_in_momentum=self.lr_in_momentum,
-            initial_accumulator_value=self.initial_accumulator_value,
-            bias_correction=self.bias_correction,
-            maximize=self.maximize,
-            accumulator_dtype=self.accumulator_dtype,
-        )
+        options = {name: getattr(self, name) for name in (*_BASE_OPTIONS, *_RMSPROP_OPTIONS)}
+        return rmsprop(learning_rate, **options, exclude_from_weight_decay=exclude)
 
     def build(self, variables):
         """Creates Keras RMSprop's variables (names and order), holding our state's leaves."""
@@ -550,19 +553,10 @@ class RMSprop(keras.optimizers.Optimizer):
                     f"to be saved, got {exclude!r}"
                 )
             exclude = list(exclude)
+        config.update({name: getattr(self, name) for name in _RMSPROP_OPTIONS})
         dtype = self.accumulator_dtype
         config.update(
-            rho=self.rho,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            centered=self.centered,
             exclude_from_weight_decay=exclude,
-            nesterov=self.nesterov,
-            eps_in_sqrt=self.eps_in_sqrt,
-            lr_in_momentum=self.lr_in_momentum,
-            initial_accumulator_value=self.initial_accumulator_value,
-            bias_correction=self.bias_correction,
-            maximize=self.maximize,
             accumulator_dtype=dtype if dtype is None or dtype == "int8" else jnp.dtype(dtype).name,
         )
         return config
