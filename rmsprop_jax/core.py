@@ -119,7 +119,7 @@ def _bias_denominator(rho: Any, count: jax.Array) -> jax.Array:
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
-    """|x|^2 in the real dtype (x*x for real x, re^2 + im^2 for complex x)."""
+    """``|x|^2`` in the real dtype (``x*x`` for real x, ``re^2 + im^2`` for complex x)."""
     if jnp.iscomplexobj(x):
         return jnp.square(x.real) + jnp.square(x.imag)
     return x * x
@@ -475,8 +475,9 @@ def scale_by_rmsprop(
     rate as ``rho``.
 
     Args:
-      rho, epsilon, centered, eps_in_sqrt, initial_accumulator_value,
-      bias_correction, accumulator_dtype, sparse_mode: as :func:`rmsprop_update`.
+      rho: as :func:`rmsprop_update`; so are ``epsilon``, ``centered``,
+        ``eps_in_sqrt``, ``initial_accumulator_value``, ``bias_correction``,
+        ``accumulator_dtype`` and ``sparse_mode``.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`RMSpropState`.
