@@ -9,12 +9,12 @@ import sys
 sys.path.insert(0, os.path.abspath(".."))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import rmsprop_jax  # noqa: E402
+import rmsprop_jax
 
 project = "rmsprop_jax"
 author = "the rmsprop_jax developers"
 release = rmsprop_jax.__version__
-copyright = "the rmsprop_jax developers, Apache-2.0"  # noqa: A001
+copyright = "the rmsprop_jax developers, Apache-2.0"
 
 extensions = [
     "sphinx.ext.autodoc",
