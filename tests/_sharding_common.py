@@ -1,6 +1,6 @@
 """Model, data, optimizer and reference run shared by the distributed tests and their subprocesses.
 
-Imported by ``tests/test_distributed.py`` (one device) and by the scripts it
+Imported by ``tests/integrations/test_distributed.py`` (one device) and by the scripts it
 runs in subprocesses with several (simulated) devices, so every run trains the
 same model on the same batches with the same optimizer. Nothing here runs at
 import time.

@@ -27,7 +27,7 @@ SLOW_MODULES = {
     "test_keras_suite",
     "test_notebooks",
     "test_optax_suite",
-    "test_optimizer",
+    "test_keras_functional",
     "test_orbax",
     "test_peers",
     "test_porting",

@@ -56,7 +56,7 @@ def assert_touched_rows_equal(sparse_update, dense_update):
     np.testing.assert_allclose(got["w"], dense_update["w"], rtol=1e-6)
 
 
-# -- optax.apply_updates, linen TrainState and nnx.Optimizer (tests/test_flax.py) -----------
+# -- optax.apply_updates, linen TrainState and nnx.Optimizer (tests/integrations/test_flax.py) -----------
 
 
 def test_optax_apply_updates_scatters_eagerly_and_under_jit():

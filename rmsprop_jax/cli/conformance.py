@@ -264,7 +264,7 @@ def run(configs: int = 20, steps: int = 8, seed: int = 0) -> list[dict]:
             configs=0,
             steps=0,
             error=None,
-            verdict="skipped (float64 model of its kernel in tests/test_presets.py)",
+            verdict="skipped (float64 model of its kernel in tests/conformance/test_presets.py)",
         )
     )
     return rows

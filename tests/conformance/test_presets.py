@@ -16,7 +16,7 @@ step per config would cost most of this module's time budget):
   eps_in_sqrt, centered, momentum None / 0.0 / 0.9 / 0.9+nesterov, bias_correction: 64),
   cycling through three (learning_rate, decay, eps) sets, plus an optax schedule and the
   defaults; per-step updates. The ill-conditioned step 1 of ``centered=True,
-  bias_correction=True, initial_scale=0`` is handled as in ``tests/test_peers.py`` (its
+  bias_correction=True, initial_scale=0`` is handled as in ``tests/conformance/test_peers.py`` (its
   helpers are imported): not compared, ours checked finite and bounded, the moving
   averages compared, both continued from our state; those combos get gradients that flip
   sign every step (``_alternating``), as with random data steps 2-3 are ill-conditioned
@@ -32,7 +32,7 @@ step per config would cost most of this module's time budget):
 * Bad input: each preset's own argument names in the errors; unknown keyword arguments.
 
 Error measure: normwise relative error per leaf and step, ``max|ours - ref| / max|ref|``
-(``tests/test_peers.py`` explains why elementwise is meaningless here). Measured on CPU
+(``tests/conformance/test_peers.py`` explains why elementwise is meaningless here). Measured on CPU
 (jax 0.10.2, optax 0.2.8, keras 3.15.1, torch 2.13.0) with this module's seeds; printed
 at the end of the module with ``-s`` (``MAX_SEEN``):
 
@@ -44,7 +44,7 @@ at the end of the module with ``-s`` (``MAX_SEEN``):
   section 5): 1e-6 .. 5e-6, ours / torch distance ratio <= 1.75. Asserted: within
   ``TORCH_RTOL``, or within ``TORCH_ILL_RTOL = 1e-5`` of torch AND no farther from float64
   than ``ILL_FACTOR = 2.5`` times torch's distance. Two-group runs: 1.4e-7.
-* optax preset: max 1.14e-6 -> ``OPTAX_RTOL = 2e-6`` (tests/test_peers.py: 1.5e-6). The
+* optax preset: max 1.14e-6 -> ``OPTAX_RTOL = 2e-6`` (tests/conformance/test_peers.py: 1.5e-6). The
   largest are steps 3-4 of bias_correction with decay 0.99, run eagerly: JAX's eager
   ``0.99 ** count`` (float32 pow, count=3) is 0.6 ulp off, amplified 33x by ``1 -
   0.99**3``; optax's bias correction is jitted and gets a different rounding. Steps 2..
@@ -77,7 +77,7 @@ import optax
 import pytest
 import torch
 
-# Shared helpers of the peer tests (pytest puts tests/ on sys.path): the error measure,
+# Shared helpers of the peer tests (pytest puts this folder on sys.path): the error measure,
 # the torch / Keras / our trajectory runners and the optax combination matrix.
 from test_peers import (
     OPTAX_COMBOS,
@@ -436,7 +436,7 @@ def _optax_preset_id(index):
 
 
 def _pair_runner(ref, ours, jit):
-    """``_scan_both`` of tests/test_peers.py (one jit), or the same loop run eagerly."""
+    """``_scan_both`` of tests/conformance/test_peers.py (one jit), or the same loop run eagerly."""
     if jit:
         return _scan_both(ref, ours)
 
@@ -462,7 +462,7 @@ def _compare_optax(ref, ours, params, grads, kwargs, what, jit=True):
         _check(ou, ru, OPTAX_RTOL, "optax", what)
         return
     # centered + bias_correction + initial_scale=0: step 1 is ill-conditioned (see
-    # tests/test_peers.py): not compared; ours finite and bounded by lr*|g|/sqrt(eps)
+    # tests/conformance/test_peers.py): not compared; ours finite and bounded by lr*|g|/sqrt(eps)
     # (lr*|g|/eps outside the root) times 1 + momentum with Nesterov; the moving
     # averages compared; both continued from our state.
     first = jax.tree.map(lambda x: x[:1], grads)

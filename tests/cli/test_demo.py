@@ -17,7 +17,7 @@ pytest.importorskip("tqdm")
 
 from rmsprop_jax.cli import demo
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # One line per epoch: "epoch  N  loss  X.XXXX  test acc  YY.YY%".
 EPOCH_LINE = re.compile(

@@ -65,7 +65,7 @@ import rmsprop_jax as rj
 
 if keras.backend.backend() != "jax":
     raise RuntimeError(
-        "tests/test_peers.py needs KERAS_BACKEND=jax (set by tests/conftest.py "
+        "tests/conformance/test_peers.py needs KERAS_BACKEND=jax (set by tests/conftest.py "
         f"before keras is imported); keras runs on {keras.backend.backend()!r}"
     )
 

@@ -27,7 +27,7 @@ Keras (``keras.optimizers.RMSprop`` eager, KERAS_BACKEND=jax, vs ``rj.RMSprop``)
   learning-rate schedule (the counters of every transform must follow Keras' iteration).
 
 Error measure: normwise relative error per leaf and step, ``max|ours - peer| / max|peer|``
-(see tests/test_peers.py). Measured (jax 0.10.2, keras 3.15.1, torch 2.13.0, CPU): torch
+(see tests/conformance/test_peers.py). Measured (jax 0.10.2, keras 3.15.1, torch 2.13.0, CPU): torch
 max 2.2e-7, Keras max 2.4e-7; asserted ``RTOL = 1e-6`` (the peer tests' bound).
 """
 
@@ -425,7 +425,7 @@ class _Keras:
 
     Gradient accumulation on Keras' JAX backend compiles a fresh ``lax.cond`` on every
     eager call; under ``jax.disable_jit()`` the same code runs op by op, bit-identically
-    and much faster (see tests/test_keras_conformance.py).
+    and much faster (see tests/conformance/test_keras_conformance.py).
     """
 
     def __init__(self, params, kwargs):

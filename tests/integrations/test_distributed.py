@@ -28,7 +28,7 @@ import _sharding_common as common
 import numpy as np
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the worker scripts
 REPO_ROOT = TESTS.parent
 CHECKS_TIMEOUT_S = 300
 MULTIPROCESS_TIMEOUT_S = 180

@@ -38,7 +38,7 @@ magnitude is the absolute floor (the rounding error there is that of the O(|w0|)
 that were added, an elementwise relative error at a zero crossing is meaningless).
 Tolerance ``RTOL = 1e-6``. The normwise measure of the rest of the suite,
 ``max|ours - tf| / max|tf|`` per leaf, is recorded too; both are printed by
-``python -m pytest tests/test_tensorflow.py -n 0 -s`` (xdist workers swallow prints).
+``python -m pytest tests/conformance/test_tensorflow.py -n 0 -s`` (xdist workers swallow prints).
 
 Measured on a 2-core CPU (jax 0.10.2, TensorFlow 2.21.0, tf-keras 2.21.0), see README.md's
 "Conformance" table for the numbers.

@@ -11,7 +11,7 @@ import pytest
 
 from rmsprop_jax.cli import bench
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONTENDERS = ("floor", "floor-per-leaf", "rj", "rj-bf16", "rj-int8", "optax", "keras", "torch")
 
 

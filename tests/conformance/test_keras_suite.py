@@ -22,7 +22,7 @@ each with its reason; a test that fails because our behaviour differs from
 Keras' is a defect, never an entry there. ``test_every_keras_test_is_run_or_listed``
 fails when a Keras release adds a test this file neither runs nor lists.
 Reproduce the counts of the README with
-``python -m pytest tests/test_keras_suite.py -q -p no:xdist``.
+``python -m pytest tests/conformance/test_keras_suite.py -q -p no:xdist``.
 """
 
 from __future__ import annotations

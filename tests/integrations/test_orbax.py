@@ -23,7 +23,7 @@ ocp = pytest.importorskip("orbax.checkpoint")
 
 from rmsprop_jax.quantization import QuantizedArray
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the worker scripts
 _spec = importlib.util.spec_from_file_location(
     "_orbax_crash_worker", TESTS / "_orbax_crash_worker.py"
 )

@@ -1,0 +1,247 @@
+"""``rj.rmsprop`` (rmsprop_jax.alias): learning-rate forms, the assembly of the feature transforms, bad input, each alone in ``optax.chain``.
+
+Expectations are independent of the code under test: float64 NumPy written from the
+Keras 3 formulas of ``docs/semantics.md`` section 1, or the real Keras / optax functions
+run on the same input.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
+from _transform_helpers import close, f64, keras_rmsprop_np, run_chain
+
+import rmsprop_jax as rj
+from rmsprop_jax.transforms import (
+    AccumulationState,
+    DynamicLossScaleState,
+    EmaState,
+    WeightDecayState,
+)
+
+# learning-rate forms in rj.rmsprop
+# ----------------------------------------------------------------------------------------
+
+W0 = np.array([1.0, 2.0], np.float32)
+GRADS = [
+    np.array([0.1, 0.2], np.float32),
+    np.array([0.3, -0.4], np.float32),
+    np.array([-0.5, 0.6], np.float32),
+]
+
+
+def _three_steps(tx, jit=False):
+    w = jnp.asarray(W0)
+    s = tx.init(w)
+    update = jax.jit(tx.update) if jit else tx.update
+    out = []
+    for g in GRADS:
+        u, s = update(jnp.asarray(g), s, w)
+        w = optax.apply_updates(w, u)
+        out.append(w)
+    return out
+
+
+def _decay_lr(step):
+    return 0.1 * 0.5 ** (step / 2.0)
+
+
+@pytest.mark.parametrize("form", ["float", "optax", "keras", "callable"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_learning_rate_forms(form, jit):
+    if form == "float":
+        lr, lrs = 0.1, [0.1] * 3
+    elif form == "optax":
+        lr = optax.exponential_decay(0.1, transition_steps=2, decay_rate=0.5)
+        lrs = [_decay_lr(t) for t in range(3)]
+    elif form == "keras":
+        lr = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
+        lrs = [_decay_lr(t) for t in range(3)]
+    else:
+        lr, lrs = (lambda: 0.05), [0.05] * 3
+    got = _three_steps(rj.rmsprop(lr), jit=jit)
+    for a, b in zip(got, keras_rmsprop_np(W0, GRADS, lrs)):
+        close(a, b)
+    # the spec's reference values (Keras, float32)
+    if form == "float":
+        close(got[-1], [0.65380049, 1.7104261], rtol=2e-7, atol=0)
+
+
+def test_zero_arg_callable_lr_eager_vs_jit():
+    box = {"lr": 0.1}
+    tx = rj.rmsprop(lambda: box["lr"])
+    w = jnp.asarray(W0)
+    g = jnp.asarray(GRADS[0])
+    # Eagerly the callable is called on every step (Keras semantics).
+    s = tx.init(w)
+    u1, _s1 = tx.update(g, s, w)
+    box["lr"] = 0.2
+    u2, _ = tx.update(g, s, w)
+    close(u2, 2 * f64(u1))
+    # Under jit it is called when the step is traced: the value is frozen in the
+    # compiled step (documented in rmsprop_jax._schedules); a change needs a retrace.
+    box["lr"] = 0.1
+    step = jax.jit(tx.update)
+    j1, _ = step(g, s, w)
+    box["lr"] = 0.2
+    j2, _ = step(g, s, w)
+    close(j2, j1, rtol=0, atol=0)
+    close(j1, u1)
+
+
+def test_schedule_at_raw_call_count_under_accumulation():
+    n = 2
+
+    def schedule(count):
+        return 0.1 / (1.0 + count)
+
+    tx = rj.rmsprop(schedule, gradient_accumulation_steps=n)
+    gs = [jnp.asarray(g) for g in GRADS] + [jnp.array([0.7, 0.8])]
+    hist, _ = run_chain(tx, jnp.asarray(W0), gs)
+    means = [(f64(gs[0]) + f64(gs[1])) / 2, (f64(gs[2]) + f64(gs[3])) / 2]
+    lrs = [schedule((j + 1) * n - 1) for j in range(2)]  # Keras: schedule(iterations)
+    expected = keras_rmsprop_np(W0, means, lrs)
+    close(hist[1], expected[0])
+    close(hist[3], expected[1])
+    close(hist[0], W0, rtol=0, atol=0)
+    close(hist[2], hist[1], rtol=0, atol=0)
+
+
+def test_spec_reference_gradient_accumulation():
+    gs = [jnp.asarray(g) for g in GRADS] + [jnp.array([0.7, 0.8])]
+    hist, _ = run_chain(rj.rmsprop(0.1, gradient_accumulation_steps=2), jnp.asarray(W0), gs)
+    spec = [[1, 2], [0.68377614, 2.3162119], [0.68377614, 2.3162119], [0.53633577, 2.0028491]]
+    for a, b in zip(hist, spec):
+        close(a, b, rtol=3e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# rj.rmsprop assembles only what a config needs
+# ----------------------------------------------------------------------------------------
+
+
+def _lowered_update(tx, p):
+    s = tx.init(p)
+
+    def step(g, s, p):
+        return tx.update(g, s, p)
+
+    return jax.jit(step).lower(p, s, p).as_text()
+
+
+def test_plain_config_is_exactly_rmsprop_update():
+    p = {"w": jnp.ones(3), "b": jnp.ones(())}
+    state = rj.rmsprop().init(p)
+    assert type(state) is rj.RMSpropState
+    assert _lowered_update(rj.rmsprop(), p) == _lowered_update(rj.rmsprop_update(), p)
+    assert _lowered_update(rj.rmsprop(0.1, momentum=0.9, centered=True), p) == _lowered_update(
+        rj.rmsprop_update(0.1, centered=True, momentum=0.9), p
+    )
+
+
+def _state_types(state):
+    def is_named(x):
+        return isinstance(x, tuple) and hasattr(x, "_fields")
+
+    leaves = jax.tree.leaves(state, is_leaf=is_named)
+    found = set()
+
+    def walk(x):
+        if is_named(x):
+            found.add(type(x))
+            for f in x:
+                walk(f)
+        elif isinstance(x, (tuple, list)):
+            for f in x:
+                walk(f)
+
+    for leaf in leaves:
+        walk(leaf)
+    walk(state)
+    return found
+
+
+@pytest.mark.parametrize(
+    "kwargs, extra",
+    [
+        ({"clipnorm": 1.0}, {optax.EmptyState}),
+        ({"global_clipnorm": 1.0}, {optax.EmptyState}),
+        ({"clipvalue": 1.0}, {optax.EmptyState}),
+        ({"weight_decay": 0.1}, {WeightDecayState}),
+        ({"use_ema": True}, {EmaState}),
+        ({"gradient_accumulation_steps": 2}, {AccumulationState}),
+        ({"loss_scale_factor": 4.0}, {optax.EmptyState}),
+    ],
+)
+def test_each_feature_adds_its_own_state(kwargs, extra):
+    p = {"w": jnp.ones(2)}
+    state = rj.rmsprop(**kwargs).init(p)
+    assert type(state) is not rj.RMSpropState
+    types = _state_types(state)
+    assert rj.RMSpropState in types
+    assert extra <= types
+    others = {WeightDecayState, EmaState, AccumulationState, DynamicLossScaleState} - extra
+    assert not (others & types)
+    # and each still runs
+    u, _ = rj.rmsprop(**kwargs).update({"w": jnp.ones(2)}, state, p)
+    assert u["w"].shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------
+# bad input at construction
+# ----------------------------------------------------------------------------------------
+
+
+def test_positional_arguments_in_keras_order():
+    import inspect
+
+    keras_params = list(inspect.signature(keras.optimizers.RMSprop.__init__).parameters)[1:]
+    keras_params = [p for p in keras_params if p not in ("name", "kwargs")]
+    ours = list(inspect.signature(rj.rmsprop).parameters)
+    assert ours[: len(keras_params)] == keras_params
+
+
+KERAS_CLIP_MESSAGE = "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"clipnorm": 1.0, "clipvalue": 1.0}, re.escape(KERAS_CLIP_MESSAGE)),
+        ({"clipnorm": 1.0, "global_clipnorm": 1.0}, re.escape(KERAS_CLIP_MESSAGE)),
+        ({"clipvalue": 1.0, "global_clipnorm": 1.0}, re.escape(KERAS_CLIP_MESSAGE)),
+        ({"use_ema": True, "ema_momentum": 1.5}, "ema_momentum"),
+        ({"use_ema": True, "ema_momentum": -0.1}, "ema_momentum"),
+        ({"use_ema": True, "ema_overwrite_frequency": 0}, "ema_overwrite_frequency"),
+        ({"use_ema": True, "ema_overwrite_frequency": 2.5}, "ema_overwrite_frequency"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"gradient_accumulation_steps": -2}, "gradient_accumulation_steps"),
+        ({"gradient_accumulation_steps": 2.5}, "gradient_accumulation_steps"),
+        ({"loss_scale_factor": 0.0}, "loss_scale_factor"),
+        ({"loss_scale_factor": -2.0}, "loss_scale_factor"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": 0.1, "exclude_from_weight_decay": ["bias", "(x"]}, "invalid regex"),
+    ],
+)
+def test_bad_input_raises_valueerror_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rj.rmsprop(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        rj.RMSprop(**kwargs)
+
+
+def test_keras_raises_the_same_clip_message():
+    with pytest.raises(ValueError, match=re.escape(KERAS_CLIP_MESSAGE)):
+        keras.optimizers.RMSprop(clipnorm=1.0, clipvalue=1.0)
+
+
+def test_ema_arguments_unchecked_without_use_ema():
+    # Keras validates ema_momentum / ema_overwrite_frequency only when use_ema=True.
+    rj.rmsprop(ema_momentum=1.5, ema_overwrite_frequency=0)
+    keras.optimizers.RMSprop(ema_momentum=1.5, ema_overwrite_frequency=0)

@@ -1,0 +1,142 @@
+"""``rj.clip_by_norm`` / ``clip_by_global_norm`` / ``clip_by_value`` (rmsprop_jax.transforms.clipping), each alone in ``optax.chain``.
+
+Expectations are independent of the code under test: float64 NumPy written from the
+Keras 3 formulas of ``docs/semantics.md`` section 1, or the real Keras / optax functions
+run on the same input.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
+from _transform_helpers import close, f64, run_chain
+
+import rmsprop_jax as rj
+
+# clipping
+# ----------------------------------------------------------------------------------------
+
+
+def test_clip_by_value_alone_in_chain():
+    tx = optax.chain(rj.clip_by_value(0.5), optax.sgd(1.0))
+    p = {"a": jnp.zeros(4), "b": jnp.zeros((2, 2))}
+    g = {"a": jnp.array([-3.0, -0.25, 0.25, 3.0]), "b": jnp.array([[0.7, -0.7], [0.5, -0.5]])}
+    (new,), _ = run_chain(tx, p, [g])
+    for k, gk in g.items():
+        close(new[k], -np.clip(f64(gk), -0.5, 0.5), rtol=0, atol=0)
+
+
+def test_clip_by_norm_keras_formula_per_tensor():
+    c = 1.0
+    g = {
+        "big": np.array([3.0, 4.0], np.float32),  # norm 5 > c: scaled to norm c
+        "small": np.array([[0.1, -0.2], [0.2, 0.1]], np.float32),  # norm < c: kept
+        "zero": np.zeros(3, np.float32),  # zero stays exactly zero, no NaN
+    }
+    tx = optax.chain(rj.clip_by_norm(c), optax.sgd(1.0))
+    p = jax.tree.map(lambda x: jnp.zeros_like(jnp.asarray(x)), g)
+    (new,), _ = run_chain(tx, p, [jax.tree.map(jnp.asarray, g)])
+    for k, gk in g.items():
+        n = np.sqrt(np.sum(f64(gk) ** 2))
+        expected = f64(gk) * c / max(n, c)  # Keras: g*c/max(n, c), always applied
+        close(-f64(new[k]), expected)
+    assert np.all(np.asarray(new["zero"]) == 0)
+    # Per tensor, not global: the small tensor is NOT scaled by the big one's norm.
+    close(-f64(new["small"]), g["small"])
+
+
+def test_clip_by_norm_matches_keras_method():
+    opt = keras.optimizers.RMSprop(clipnorm=0.7)
+    for g in (np.array([[0.3, -2.0], [1.0, 0.5]], np.float32), np.array([0.1, 0.2], np.float32)):
+        ours, _ = rj.clip_by_norm(0.7).update(jnp.asarray(g), optax.EmptyState())
+        close(ours, np.asarray(opt._clip_by_norm(jnp.asarray(g))), rtol=1e-6, atol=0)
+
+
+def test_clip_by_norm_bf16_keeps_dtype():
+    g = jnp.array([3.0, 4.0], jnp.bfloat16)
+    out, _ = rj.clip_by_norm(1.0).update(g, optax.EmptyState())
+    assert out.dtype == jnp.bfloat16
+    close(out, [0.6, 0.8], rtol=1e-2)
+    gz = jnp.zeros(2, jnp.bfloat16)
+    outz, _ = rj.clip_by_norm(1.0).update(gz, optax.EmptyState())
+    assert outz.dtype == jnp.bfloat16 and np.all(np.asarray(outz, np.float32) == 0)
+
+
+def test_clip_by_global_norm_keras_formula_and_keras_function():
+    from keras.src.optimizers.base_optimizer import clip_by_global_norm as keras_cgn
+
+    c = 2.0
+    g = [np.array([1.0, -2.0, 3.0], np.float32), np.array([[4.0], [0.5]], np.float32)]
+    n = np.sqrt(sum(np.sum(f64(x) ** 2) for x in g))
+    tx = optax.chain(rj.clip_by_global_norm(c), optax.sgd(1.0))
+    p = [jnp.zeros_like(jnp.asarray(x)) for x in g]
+    (new,), _ = run_chain(tx, p, [[jnp.asarray(x) for x in g]])
+    keras_out = keras_cgn([jnp.asarray(x) for x in g], c)
+    for x, ours, ref in zip(g, new, keras_out):
+        close(-f64(ours), f64(x) * c / max(n, c))
+        close(-f64(ours), np.asarray(ref), rtol=1e-6, atol=0)
+    # Below the threshold: unchanged (scale 1).
+    small = [jnp.array([0.1, 0.2]), jnp.array([[0.3], [0.0]])]
+    out, _ = rj.clip_by_global_norm(c).update(small, optax.EmptyState())
+    for a, b in zip(out, small):
+        close(a, b, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_clip_by_global_norm_nonfinite_makes_everything_nan_like_keras(bad):
+    from keras.src.optimizers.base_optimizer import clip_by_global_norm as keras_cgn
+
+    g = [jnp.array([1.0, bad]), jnp.array([[0.5], [0.25]])]  # only one element is bad
+    ours, _ = rj.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    ref = keras_cgn(list(g), 1.0)
+    for o, r in zip(ours, ref):
+        assert np.all(np.isnan(np.asarray(o)))
+        assert np.all(np.isnan(np.asarray(r)))  # Keras' (n - n) term
+
+
+def test_clip_none_gradients_pass_through():
+    g = {"a": jnp.array([3.0, 4.0]), "b": None}
+    for tx in (rj.clip_by_norm(1.0), rj.clip_by_global_norm(1.0), rj.clip_by_value(1.0)):
+        out, _ = tx.update(g, tx.init({"a": jnp.zeros(2), "b": None}))
+        assert out["b"] is None
+
+
+@pytest.mark.parametrize("factory", [rj.clip_by_norm, rj.clip_by_global_norm])
+def test_clip_norms_of_complex_gradients(factory):
+    g = jnp.array([3 + 4j, 0j], jnp.complex64)  # |g| = 5
+    out, _ = factory(1.0).update(g, optax.EmptyState())
+    close(np.abs(np.asarray(out)), [1.0, 0.0])
+    np.testing.assert_allclose(np.asarray(out), np.array([0.6 + 0.8j, 0]), rtol=1e-6, atol=1e-7)
+
+
+def test_clip_by_value_rejects_complex_gradients():
+    with pytest.raises(TypeError, match="complex"):
+        rj.clip_by_value(1.0).update(jnp.array([3 + 4j]), optax.EmptyState())
+
+
+def test_two_clip_options_follow_keras_even_when_one_is_zero():
+    # Keras counts the arguments that are not None: clipnorm=0 still counts.
+    with pytest.raises(ValueError, match="Only one of"):
+        keras.optimizers.RMSprop(clipnorm=0.0, clipvalue=1.0)
+    with pytest.raises(ValueError, match="Only one of"):
+        rj.rmsprop(clipnorm=0.0, clipvalue=1.0)
+
+
+def test_feature_arguments_must_be_static_numbers():
+    with pytest.raises(TypeError, match="static_args"):
+        rj.rmsprop(weight_decay=jnp.asarray(0.1))
+
+
+def test_clip_factories_reject_non_positive():
+    for factory in (rj.clip_by_norm, rj.clip_by_global_norm, rj.clip_by_value):
+        with pytest.raises(ValueError):
+            factory(0.0)
+        with pytest.raises(ValueError):
+            factory(-1.0)
+
+
+#
