@@ -1,9 +1,9 @@
 """rmsprop_jax: the RMSprop optimizer for JAX, every convention, as optax transforms."""
 
-from rmsprop_jax import presets, sharding, transforms
+from rmsprop_jax import flat, presets, sharding, transforms
 from rmsprop_jax.alias import rmsprop
-from rmsprop_jax.contiguous import contiguous  # the function; its module: rmsprop_jax.contiguous
 from rmsprop_jax.core import RMSpropState, rmsprop_leaf_update, rmsprop_update, scale_by_rmsprop
+from rmsprop_jax.flat import contiguous
 from rmsprop_jax.groups import label_leaves, param_groups
 from rmsprop_jax.integrations import porting
 from rmsprop_jax.integrations.keras_functional import RMSprop, RMSpropOptimizerState
@@ -44,6 +44,7 @@ __all__ = [
     "densify",
     "dynamic_loss_scale",
     "ema_params",
+    "flat",
     "global_norm",
     "label_leaves",
     "loss_scale",

@@ -4,7 +4,7 @@ Every rmsprop_jax factory tags the ``update`` function it returns with a rule
 (:data:`RULE_ATTRIBUTE`): :data:`ELEMENTWISE` (the transform treats every
 element alike or reduces over the whole tree, and maps a None gradient to
 None: usable as is over one buffer per dtype), or ``(factory, arguments)``:
-the factory's name and the arguments :func:`rmsprop_jax.contiguous` needs to
+the factory's name and the arguments :func:`rmsprop_jax.flat` needs to
 build its flat version. So ``contiguous`` never inspects closures of
 rmsprop_jax code; only chains a user builds with ``optax.chain`` itself are
 recognised from optax's closure. Users may tag their own transforms with

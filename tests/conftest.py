@@ -18,7 +18,7 @@ import pytest
 SLOW_MODULES = {
     "test_bench",
     "test_conformance_cli",
-    "test_contiguous",
+    "test_flat",
     "test_demo",
     "test_distributed",
     "test_flax",

@@ -24,7 +24,7 @@ Contenders, all given the same parameters and gradients:
   parameter, from its arrays);
 * ``rj-contiguous``: the same through ``rj.contiguous(tx)`` when it exists;
 * ``rj-contiguous-flat``: ``rj.contiguous(tx)`` on params kept flat by the user
-  (``rj.contiguous.flatten``), so the step never concatenates or splits;
+  (``rj.flat.flatten``), so the step never concatenates or splits;
 * ``optax``: the equivalent optax chain (``optax.rmsprop``; for ``full``
   ``clip_by_global_norm`` + ``scale_by_stddev`` + ``scale_by_learning_rate`` +
   ``trace`` + ``add_decayed_weights(-lr*wd)`` + a weight EMA by ``tree_map``);
@@ -527,11 +527,11 @@ def make_rj(
     params: Any = _tree(host_params)
     batches: list[Any] = [_tree(grads) for grads in grad_sets]
     if flat:  # the user keeps params (and so grads) as one buffer per dtype
-        from rmsprop_jax.contiguous import flatten
+        from rmsprop_jax.flat import flatten
 
         params = flatten(params)[0]
         batches = [flatten(grads)[0] for grads in batches]
-        name, label = "rj-contiguous-flat", label + " on rj.contiguous.flatten(params)"
+        name, label = "rj-contiguous-flat", label + " on rj.flat.flatten(params)"
     state = (params, tx.init(params))
     contender = _jax_contender(name, label, _optax_step(tx, rj.apply_updates), state, batches)
     # Per-parameter arrays only: the scalar counters are no memory per parameter.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +9,9 @@ import optax
 import pytest
 
 import rmsprop_jax as rj
-from rmsprop_jax.contiguous import ContiguousState, FlatParams
+import rmsprop_jax.flat as contiguous_module  # a module, not the function rj.contiguous
+from rmsprop_jax.flat import ContiguousState, FlatParams
 
-contiguous_module = importlib.import_module("rmsprop_jax.contiguous")  # rj.contiguous: the function
 STEPS = 5
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
@@ -177,7 +175,7 @@ def test_none_grads():
             getattr(got_slots, field).unflatten(), getattr(ref_slots, field), atol=1e-6
         )
     assert_trees_close(
-        rj.contiguous.ema_params(got_state), rj.ema_params(ref_state), bf16_rtol=1e-2, atol=1e-6
+        rj.flat.ema_params(got_state), rj.ema_params(ref_state), bf16_rtol=1e-2, atol=1e-6
     )
 
 
@@ -252,7 +250,7 @@ def test_optax_elementwise_transforms():
 
 def test_user_flat_params_path():
     params = make_params(bf16=True)
-    flat, unflatten = rj.contiguous.flatten(params)
+    flat, unflatten = rj.flat.flatten(params)
     assert isinstance(flat, FlatParams) and len(jax.tree.leaves(flat)) == 2
     assert_trees_close(unflatten(flat), params, rtol=0, atol=0)
     targets = make_grads(params, steps=1, seed=3)[0]
@@ -286,8 +284,8 @@ def test_user_flat_params_path():
         flat, flat_state = flat_step(flat, flat_state)
     assert_trees_close(unflatten(flat), tree_params, bf16_rtol=1e-2, atol=1e-6)
     assert_trees_close(
-        rj.contiguous.ema_params(flat_state),
-        rj.contiguous.ema_params(tree_state),
+        rj.flat.ema_params(flat_state),
+        rj.flat.ema_params(tree_state),
         bf16_rtol=1e-2,
         atol=1e-6,
     )
@@ -295,7 +293,7 @@ def test_user_flat_params_path():
 
 def test_user_flat_step_is_one_fusion_and_donates():
     params = {f"layer{i}": jnp.ones((10,)) for i in range(20)}
-    flat, _ = rj.contiguous.flatten(params)
+    flat, _ = rj.flat.flatten(params)
     tx = rj.contiguous(rj.rmsprop(0.01))
 
     def step(flat, state, grads):
@@ -335,8 +333,8 @@ def test_many_exclusion_ranges_with_flat_params():
     grads = [jax.tree.map(jnp.ones_like, params)] * 2
     tx = rj.rmsprop(0.01, weight_decay=0.5, exclude_from_weight_decay="bias")
     ref, _ = run(tx, params, grads)
-    flat, unflatten = rj.contiguous.flatten(params)
-    got, _ = run(rj.contiguous(tx), flat, [rj.contiguous.flatten(g)[0] for g in grads])
+    flat, unflatten = rj.flat.flatten(params)
+    got, _ = run(rj.contiguous(tx), flat, [rj.flat.flatten(g)[0] for g in grads])
     for (_, p_got), (_, p_ref) in zip(got, ref):
         assert_trees_close(unflatten(p_got), p_ref)
 
@@ -403,8 +401,12 @@ def test_assume_elementwise():
 
 
 def test_module_and_function_exports():
+    import types
+
+    assert isinstance(contiguous_module, types.ModuleType) and rj.flat is contiguous_module
     assert callable(rj.contiguous) and rj.contiguous is contiguous_module.contiguous
-    assert rj.contiguous.flatten is contiguous_module.flatten
+    assert rj.flat.flatten is contiguous_module.flatten
+    assert not hasattr(rj.contiguous, "flatten")  # nothing glued onto the function
     assert isinstance(rj.contiguous(rj.rmsprop()).init({"a": jnp.ones(1)}), ContiguousState)
 
 

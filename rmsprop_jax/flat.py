@@ -1,5 +1,9 @@
 r"""``rj.contiguous(tx)``: the same optimizer with its state stored flat, one buffer per dtype.
 
+This module (``rmsprop_jax.flat``, ``rj.flat``) holds :func:`contiguous` and the flat
+data it works on: :func:`flatten`, :class:`FlatParams`, :class:`Layout`,
+:class:`ContiguousState` and :func:`ema_params`.
+
 A model with many small leaves (an RL agent, a small MLP: 100K parameters in
 200 tensors) spends most of an optimizer step on per-leaf overhead, not on
 arithmetic: every leaf of the parameters, the gradients and every slot of the
@@ -17,7 +21,7 @@ Two ways to use it:
   with the parameters and gradients as usual. The state shrinks to one buffer
   per dtype and slot; the parameters stay a tree, so the step still reads and
   writes one buffer per leaf.
-* **Flat parameters** (fastest): ``flat, unflatten = rj.contiguous.flatten(params)``
+* **Flat parameters** (fastest): ``flat, unflatten = rj.flat.flatten(params)``
   keeps the parameters themselves in one buffer per dtype; the loss reads
   ``unflatten(flat)`` (slices, free), ``jax.grad`` with respect to ``flat``
   returns flat gradients (the backward of the slices is the one
@@ -26,7 +30,7 @@ Two ways to use it:
 
   >>> import jax, jax.numpy as jnp, rmsprop_jax as rj
   >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-  >>> flat, unflatten = rj.contiguous.flatten(params)
+  >>> flat, unflatten = rj.flat.flatten(params)
   >>> tx = rj.contiguous(rj.rmsprop(0.1, exclude_from_weight_decay="b", weight_decay=0.1))
   >>> state = tx.init(flat)
   >>> loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum((p["b"] - 1) ** 2)
@@ -314,7 +318,7 @@ def flatten(params: Any) -> tuple[FlatParams, Callable[[FlatParams], Any]]:
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax as rj
-      >>> flat, unflatten = rj.contiguous.flatten({"a": jnp.ones(2), "b": jnp.zeros((1, 2))})
+      >>> flat, unflatten = rj.flat.flatten({"a": jnp.ones(2), "b": jnp.zeros((1, 2))})
       >>> flat
       FlatParams(float32: float32[4]; 2 leaves)
       >>> unflatten(flat)["b"]
@@ -665,7 +669,7 @@ def _env(env: Mapping[str, Any], name: str, label: str):
     if name not in env:
         raise _UnknownVersion(
             f"rj.contiguous does not recognise this version of {label} (its closure has no "
-            f"{name!r}); update rmsprop_jax/contiguous.py or tag the transform with "
+            f"{name!r}); update rmsprop_jax/flat.py or tag the transform with "
             f"update.{RULE_ATTRIBUTE}"
         )
     return env[name]
@@ -901,17 +905,3 @@ def _check_leaf(layout: Layout, spec, leaf, name: str, what: str) -> None:
             f"{expected}; the flat state is grouped by the parameters' dtypes (cast the "
             "gradients to them, or use the per-leaf optimizer)"
         )
-
-
-# ``rj.contiguous.flatten`` etc.: attributes of the function (setattr, as mypy does not
-# model attributes assigned to a function).
-for _name, _value in {
-    "flatten": flatten,
-    "FlatParams": FlatParams,
-    "ContiguousState": ContiguousState,
-    "Layout": Layout,
-    "ema_params": ema_params,
-    "RULE_ATTRIBUTE": RULE_ATTRIBUTE,
-}.items():
-    setattr(contiguous, _name, _value)
-del _name, _value
