@@ -34,6 +34,7 @@ __all__ = [
     "check_state_matches",
     "concrete_float",
     "is_static_zero",
+    "learning_rate_value",
     "params_required",
     "with_state_check",
 ]
@@ -50,6 +51,20 @@ def concrete_float(value: Any) -> float | None:
     if array.size != 1 or not jnp.issubdtype(array.dtype, jnp.number):  # bfloat16 too
         return None
     return float(array.reshape(()))
+
+
+def learning_rate_value(value: Any) -> float:
+    """A concrete learning rate as a float: a real, finite number >= 0, or a clear error.
+
+    For the places that set a learning rate after construction (Keras'
+    ``optimizer.learning_rate = x``, ``rj.RMSprop.set_learning_rate``).
+    """
+    number = concrete_float(value)
+    if isinstance(value, (str, bytes, bool)) or number is None:
+        raise TypeError(f"learning_rate must be a float, got {value!r}")
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def check_range(

@@ -27,12 +27,14 @@ from rmsprop_jax import _checks
 __all__ = [
     "as_schedule",
     "shifted",
+    "takes_no_arguments",
 ]
 
 Schedule = Callable[[jax.Array], Any]
 
 
-def _takes_no_arguments(fn: Callable) -> bool:
+def takes_no_arguments(fn: Callable) -> bool:
+    """True for a Keras-style ``() -> lr`` callable, False for a ``step -> lr`` schedule."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: assume step -> lr
@@ -49,7 +51,7 @@ def _takes_no_arguments(fn: Callable) -> bool:
 def as_schedule(learning_rate: Any, name: str = "learning_rate") -> Schedule | None:
     """Validates ``learning_rate``; returns a ``count -> lr`` schedule, or None for a constant."""
     if callable(learning_rate):
-        if _takes_no_arguments(learning_rate):
+        if takes_no_arguments(learning_rate):
             return lambda count: learning_rate()
         return learning_rate
     _checks.check_range(name, learning_rate, 0.0)

@@ -250,12 +250,7 @@ class RMSprop:
                 "learning rate is not settable (as in Keras); create it with a float."
             )
         if not isinstance(value, jax.core.Tracer):
-            number = _checks.concrete_float(value)
-            if isinstance(value, (str, bytes, bool)) or number is None:
-                raise TypeError(f"learning_rate must be a real number, got {value!r}")
-            _checks.check_range("learning_rate", value, 0.0)
-            if not np.isfinite(number):
-                raise ValueError(f"learning_rate must be finite, got {value!r}")
+            _checks.learning_rate_value(value)
         return opt_state._replace(learning_rate=jnp.asarray(value, jnp.float32))
 
     def finalize_variable_values(self, params, opt_state):

@@ -41,8 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -67,7 +65,7 @@ if keras.backend.backend() != "jax":
         f"got {keras.backend.backend()!r}"
     )
 
-from rmsprop_jax import _checks, _trees, transforms
+from rmsprop_jax import _checks, _schedules, _trees, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.integrations.keras_functional import sync_counters
 from rmsprop_jax.sparse import IndexedSlices
@@ -140,26 +138,11 @@ def _keras_learning_rate(value: Any) -> Any:
     """A learning rate in the form Keras' base optimizer takes (float, schedule, no-arg callable)."""
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return value
-    if callable(value):
-        try:
-            takes_step = any(
-                p.default is inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                for p in inspect.signature(value).parameters.values()
-            )
-        except (TypeError, ValueError):  # no signature (a builtin): Keras' convention
-            takes_step = False
-        return _StepSchedule(value) if takes_step else value
+    if callable(value):  # the same rule as rj.rmsprop's learning_rate
+        return value if _schedules.takes_no_arguments(value) else _StepSchedule(value)
     if isinstance(value, jax.core.Tracer):
         return value
-    number = _checks.concrete_float(value)
-    if isinstance(value, (str, bytes, bool)) or number is None:
-        raise TypeError(
-            f"learning_rate must be a float, a LearningRateSchedule or a callable, got {value!r}"
-        )
-    if not (math.isfinite(number) and number >= 0):
-        raise ValueError(f"learning_rate must be a finite number >= 0, got {value!r}")
-    return number
+    return _checks.learning_rate_value(value)
 
 
 def _dense(gradient: Any) -> Any:
@@ -231,49 +214,15 @@ class RMSprop(keras.optimizers.Optimizer):
     ):
         if accumulator_dtype is not None and accumulator_dtype != "int8":
             accumulator_dtype = jnp.dtype(accumulator_dtype).type
-        options = {
-            "rho": rho,
-            "momentum": momentum,
-            "epsilon": epsilon,
-            "centered": centered,
-            "nesterov": nesterov,
-            "eps_in_sqrt": eps_in_sqrt,
-            "lr_in_momentum": lr_in_momentum,
-            "initial_accumulator_value": initial_accumulator_value,
-            "bias_correction": bias_correction,
-            "maximize": maximize,
-            "accumulator_dtype": accumulator_dtype,
-        }
+        arguments = locals()
+        base = {key: arguments[key] for key in (*_BASE_OPTIONS, "loss_scale_factor")}
+        options = {key: arguments[key] for key in _RMSPROP_OPTIONS}
         learning_rate = _keras_learning_rate(learning_rate)
         # Our checks first (they name the argument and the value), with the full option set.
         rmsprop(
-            learning_rate,
-            weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            exclude_from_weight_decay=exclude_from_weight_decay,
-            **options,
+            learning_rate, **base, **options, exclude_from_weight_decay=exclude_from_weight_decay
         )
-        super().__init__(
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(learning_rate=learning_rate, **base, name=name, **kwargs)
         for key, value in options.items():  # Keras' attributes (rho, ...) and our knobs
             setattr(self, key, value)
         # Not an attribute of that name: Keras' method exclude_from_weight_decay() would be hidden.
