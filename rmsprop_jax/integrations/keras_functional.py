@@ -16,7 +16,7 @@ import optax
 from rmsprop_jax import _checks, _schedules, _trees, alias, core
 from rmsprop_jax.sparse import IndexedSlices
 from rmsprop_jax.transforms.accumulation import AccumulationState
-from rmsprop_jax.transforms.ema import EmaState
+from rmsprop_jax.transforms.ema import EmaState, overwrites_weights
 from rmsprop_jax.transforms.weight_decay import WeightDecayState, compile_exclusion
 from rmsprop_jax.utils import apply_updates
 
@@ -181,7 +181,7 @@ class RMSprop:
         new_params = apply_updates(params, updates)
         frequency = self._kwargs["ema_overwrite_frequency"]
         if self._kwargs["use_ema"] and frequency is not None:
-            overwrite = (opt_state.iterations // self._steps + 1) % frequency == 0
+            overwrite = overwrites_weights(opt_state.iterations, frequency, self._steps)
 
             def write_average(u, avg, w):
                 if isinstance(u, IndexedSlices):  # lazy, as rj.rmsprop: the touched rows only

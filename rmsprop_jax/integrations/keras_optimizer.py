@@ -69,7 +69,7 @@ from rmsprop_jax import _checks, _schedules, _trees, transforms
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.integrations.keras_functional import sync_counters
 from rmsprop_jax.sparse import IndexedSlices
-from rmsprop_jax.transforms.ema import EmaState
+from rmsprop_jax.transforms.ema import EmaState, overwrites_weights
 from rmsprop_jax.transforms.weight_decay import compile_exclusion
 from rmsprop_jax.utils import apply_updates
 
@@ -392,7 +392,9 @@ class RMSprop(keras.optimizers.Optimizer):
         new_params = apply_updates(params, updates)
         if self.use_ema and self.ema_overwrite_frequency:
             # Keras writes the averages themselves (w + (avg - w) may differ by one rounding).
-            overwrite = (calls // self._accumulation_steps + 1) % self.ema_overwrite_frequency == 0
+            overwrite = overwrites_weights(
+                calls, self.ema_overwrite_frequency, self._accumulation_steps
+            )
             ema = _trees.find_state(new_state, EmaState, "RMSprop").ema
             new_params = jax.tree.map(lambda a, w: jnp.where(overwrite, a, w), ema, new_params)
         for key, v in zip(self._rj_keys, self._rj_stepped):

@@ -15,6 +15,7 @@ from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 __all__ = [
     "EmaState",
     "ema_params",
+    "overwrites_weights",
     "weight_ema",
 ]
 
@@ -81,7 +82,7 @@ def weight_ema(
         k = jnp.where(iterations != 0, ema_momentum, 0.0)
         overwrite = None
         if ema_overwrite_frequency is not None:
-            overwrite = (iterations + 1) % ema_overwrite_frequency == 0
+            overwrite = overwrites_weights(state.count, ema_overwrite_frequency, steps)
 
         def step(u, avg, w):
             """New (update, average) of one leaf; row-sparse updates touch their rows only."""
@@ -106,6 +107,12 @@ def weight_ema(
         return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
     return _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "ema")
+
+
+def overwrites_weights(calls: Any, frequency: int, gradient_accumulation_steps: int = 1) -> Any:
+    """Whether call number ``calls`` (0-based, Keras' raw ``iterations``) ends with the weights
+    replaced by their averages: ``(i + 1) % frequency == 0`` with ``i = calls // N``."""
+    return (calls // gradient_accumulation_steps + 1) % frequency == 0
 
 
 def _copy(p: Any) -> Any:
