@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _flat_rules, quantization
+from rmsprop_jax import _flat_forms, quantization
 from rmsprop_jax._trees import (
     flatten_with_none,
     is_leaf_gradient,
@@ -306,4 +306,5 @@ def with_state_check(tx: Any, where: str) -> Any:
         return tx.update(updates, state, params, **extra_args)
 
     checked = optax.GradientTransformationExtraArgs(tx.init, update_fn)
-    return _flat_rules.tag_factory(checked, "with_state_check", inner=original)
+    # Over flat buffers the state is rj.contiguous's, not this one: the flat form is the original's.
+    return _flat_forms.declare(checked, _flat_forms.wraps(original))

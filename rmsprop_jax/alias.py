@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules, core, transforms
+from rmsprop_jax import _checks, _flat_forms, _schedules, core, transforms
 
 __all__ = [
     "rmsprop",
@@ -175,4 +175,4 @@ def rmsprop(
 
 def _chain(pieces):
     """``optax.chain`` without a wrapper (and its nested state) around a single piece."""
-    return pieces[0] if len(pieces) == 1 else _flat_rules.chain(*pieces)
+    return pieces[0] if len(pieces) == 1 else _flat_forms.chain(*pieces)

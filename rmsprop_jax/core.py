@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules, _trees, quantization
+from rmsprop_jax import _checks, _flat_forms, _schedules, _trees, quantization
 from rmsprop_jax.sparse import IndexedSlices
 
 __all__ = [
@@ -448,7 +448,7 @@ def rmsprop_update(
         )
         return new_updates, new_state
 
-    tx = _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "rmsprop_update")
+    tx = _flat_forms.declare(optax.GradientTransformation(init_fn, update_fn), _flat_forms.per_leaf)
     return _checks.with_state_check(tx, "rj.rmsprop_update")
 
 

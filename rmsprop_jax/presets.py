@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import optax as _optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules, alias, core, transforms
+from rmsprop_jax import _checks, _flat_forms, _schedules, alias, core, transforms
 
 # Called as rj.presets.torch(...), never star-imported: the preset names are the frameworks'
 # names, and `from rmsprop_jax.presets import *` would shadow `import torch` / `import optax`.
@@ -139,7 +139,7 @@ def tf2(
             sparse_mode="tf2",
         )
     )
-    return _flat_rules.with_extra_args(alias._chain(pieces))
+    return _flat_forms.with_extra_args(alias._chain(pieces))
 
 
 @_strict_kwargs
@@ -186,9 +186,10 @@ def _coupled_l2_preamble(maximize: bool, weight_decay: float) -> list:
     """PyTorch / OneFlow gradient preamble: ``g = -g`` (maximize), then ``g += wd * w``."""
     pieces = []
     if maximize:
-        pieces.append(_optax.scale(-1.0))
+        pieces.append(_flat_forms.declare(_optax.scale(-1.0), _flat_forms.per_leaf))
     if not _checks.is_static_zero(weight_decay):  # traced under inject_hyperparams
-        pieces.append(_optax.add_decayed_weights(weight_decay))
+        decay = _optax.add_decayed_weights(weight_decay)  # elementwise: right over flat buffers
+        pieces.append(_flat_forms.declare(decay, _flat_forms.per_leaf))
     return pieces
 
 
@@ -231,7 +232,7 @@ def torch(
         eps_in_sqrt=False,
         lr_in_momentum=False,
     )
-    return _flat_rules.with_extra_args(
+    return _flat_forms.with_extra_args(
         alias._chain(_coupled_l2_preamble(maximize, weight_decay) + [core_tx])
     )
 
@@ -276,7 +277,7 @@ def oneflow(
         pieces.append(transforms.clip_by_p_norm(clip_grad_max_norm, clip_grad_norm_type))
     pieces += _coupled_l2_preamble(False, weight_decay)
     pieces.append(core.rmsprop_update(lr, alpha, eps, centered))
-    return _flat_rules.with_extra_args(alias._chain(pieces))
+    return _flat_forms.with_extra_args(alias._chain(pieces))
 
 
 @_strict_kwargs

@@ -84,9 +84,9 @@ def assert_trees_close(a, b, rtol=1e-6, atol=1e-7, bf16_rtol=None):
         )
 
 
-def assert_same_run(tx, params, grads_list, **tol):
+def assert_same_run(tx, params, grads_list, wrap=rj.contiguous, **tol):
     ref, ref_state = run(tx, params, grads_list)
-    got, got_state = run(rj.contiguous(tx), params, grads_list)
+    got, got_state = run(wrap(tx), params, grads_list)
     for t, ((u_ref, p_ref), (u_got, p_got)) in enumerate(zip(ref, got)):
         try:
             assert_trees_close(u_got, u_ref, **tol)
@@ -179,6 +179,26 @@ def test_none_grads():
     )
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(
+            0.01, clipnorm=0.5, momentum=0.9, weight_decay=0.1, exclude_from_weight_decay=["bias"]
+        ),
+        lambda: rj.rmsprop(
+            0.01, clipvalue=0.5, weight_decay=0.1, use_ema=True, ema_overwrite_frequency=3
+        ),
+        lambda: rj.presets.torch(lr=0.01, momentum=0.9, weight_decay=0.1, maximize=True),
+    ],
+    ids=["clipnorm+decay", "clipvalue+decay+ema", "torch preset (optax pieces)"],
+)
+def test_none_grads_through_per_tensor_clipping_decay_and_ema(make):
+    """Which leaves have a gradient reaches every piece's flat form explicitly (per trace)."""
+    params = make_params()
+    grads = make_grads(params, steps=4, none=("bias", "scale"))
+    assert_same_run(make(), params, grads, atol=1e-6)
+
+
 def test_all_grads_none_and_none_params():
     params = {"a": jnp.ones(3), "frozen": None, "b": jnp.ones((2, 2))}
     tx = rj.rmsprop(0.1, momentum=0.9)
@@ -239,13 +259,19 @@ def test_dynamic_loss_scale_inside():
     assert float(rj.loss_scale(got_state)) == float(rj.loss_scale(ref_state))
 
 
-def test_optax_elementwise_transforms():
+def test_optax_transforms_vouched_for_by_the_user():
+    """Other libraries' transformations are opaque: the user declares them (rj.flat.chain,
+    rj.flat.elementwise) or vouches for all of them (assume_elementwise=True)."""
     params = make_params()
     grads = make_grads(params)
-    assert_same_run(optax.rmsprop(0.01, momentum=0.9, centered=True), params, grads)
-    assert_same_run(
-        optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), params, grads, rtol=2e-6
+    vouched = lambda tx: rj.contiguous(tx, assume_elementwise=True)
+    assert_same_run(optax.rmsprop(0.01, momentum=0.9, centered=True), params, grads, wrap=vouched)
+    declared = rj.flat.chain(
+        rj.flat.elementwise(optax.clip_by_global_norm(1.0)), rj.flat.elementwise(optax.adam(1e-2))
     )
+    assert_same_run(declared, params, grads, rtol=2e-6)
+    with pytest.raises(NotImplementedError, match=r"rj\.flat\.chain"):
+        rj.contiguous(optax.chain(optax.clip_by_global_norm(1.0), rj.rmsprop(0.01)))
 
 
 def test_user_flat_params_path():
@@ -369,8 +395,10 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="masked"):
         rj.contiguous(optax.add_decayed_weights(0.1, mask=lambda p: p))
 
-    with pytest.raises(ValueError, match="None gradients"):
-        otx = rj.contiguous(optax.rmsprop(0.01))
+    with pytest.raises(NotImplementedError, match="assume_elementwise"):
+        rj.contiguous(optax.rmsprop(0.01))
+    otx = rj.contiguous(optax.rmsprop(0.01), assume_elementwise=True)
+    with pytest.raises(ValueError, match="None gradients need every transformation"):
         otx.update(dict(grads, scale=None), otx.init(params), params)
 
     with pytest.raises(TypeError, match="not made by"):
@@ -434,20 +462,19 @@ def test_inside_param_groups_next_to_a_sparse_table():
         params = params_ref
 
 
-def test_transform_rule_attribute_and_pickling():
+def test_user_declared_elementwise_transform_with_none_gradients_and_pickling():
     import pickle
 
     def double():
         def update(u, s, p=None):
             return jax.tree.map(lambda g: 2 * g, u), s
 
-        update.rj_contiguous = "elementwise"  # contiguous.RULE_ATTRIBUTE
         return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
-    assert contiguous_module.RULE_ATTRIBUTE == "rj_contiguous"
     params = make_params()
     grads = make_grads(params, steps=2, none=("bias",))
-    assert_same_run(optax.chain(double(), rj.rmsprop(0.01, momentum=0.5)), params, grads)
+    tx = rj.flat.chain(rj.flat.elementwise(double()), rj.rmsprop(0.01, momentum=0.5))
+    assert_same_run(tx, params, grads)
     state = rj.contiguous(rj.rmsprop(0.01)).init(params)
     loaded = pickle.loads(pickle.dumps(state))
     assert loaded.layout is state.layout
@@ -455,9 +482,9 @@ def test_transform_rule_attribute_and_pickling():
 
 
 @pytest.mark.parametrize("preset", ["keras", "torch", "tf1"])
-def test_rj_transforms_are_recognised_by_their_tags_not_their_closures(monkeypatch, preset):
-    """Every rmsprop_jax factory tags its update with its rule and arguments, so a change to a
-    factory's code cannot silently change what rj.contiguous builds."""
+def test_rj_transforms_run_their_declared_flat_forms_not_their_closures(monkeypatch, preset):
+    """Every rmsprop_jax factory declares its flat form next to it: rj.contiguous reads no
+    closure, so a change to a factory's code cannot silently change what it builds."""
     import inspect
 
     def no_closures(fn):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules
+from rmsprop_jax import _checks, _flat_forms
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 from rmsprop_jax.utils import zeros_like_shape
 
@@ -60,7 +60,7 @@ def accumulate_gradients(
     """
     _checks.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
     steps = gradient_accumulation_steps
-    arguments = dict(inner=inner, gradient_accumulation_steps=steps)
+    declared_inner = inner
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -104,7 +104,13 @@ def accumulate_gradients(
         )
 
     tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    return _flat_rules.tag_factory(tx, "accumulate_gradients", **arguments)
+
+    def flat_form(_, context):
+        # Fed zeros where a gradient is None: the sum of such a leaf is kept (its mean is not).
+        flat_inner, after = _flat_forms.to_flat(declared_inner, context)
+        return _flat_forms.zero_fed(accumulate_gradients(flat_inner, steps), context.present), after
+
+    return _flat_forms.declare(tx, flat_form)
 
 
 def _with_type_of(x: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:

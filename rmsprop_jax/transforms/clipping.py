@@ -12,13 +12,14 @@ from optax's clippers in exactly the ways Keras differs:
 
 from __future__ import annotations
 
-from typing import cast
+import functools
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules
+from rmsprop_jax import _checks, _flat_buffers, _flat_forms
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import dense_parts, map_gradients
 
@@ -67,9 +68,9 @@ def clip_by_value(clipvalue: float, *, sum_duplicates: bool = True) -> optax.Gra
         del params
         return _tree_map(clip, updates, sum_duplicates), state
 
-    return _flat_rules.tag(
+    return _flat_forms.declare(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
-        _flat_rules.ELEMENTWISE,
+        _flat_forms.per_leaf,
     )
 
 
@@ -82,17 +83,39 @@ def _at_least_float32(g: jax.Array) -> jax.Array:
     return g.astype(jnp.promote_types(g.dtype, jnp.float32))
 
 
-def _power_sum(arrays: list[jax.Array], p: float) -> jax.Array:
+class _WholeTensor:
+    """Reductions of a whole tensor to one value (:class:`rmsprop_jax._flat_buffers.Segments`
+    reduces each leaf's segment of a flat buffer instead, with the same interface)."""
+
+    @staticmethod
+    def sum(x: jax.Array) -> jax.Array:
+        return jnp.sum(x)
+
+    @staticmethod
+    def max(x: jax.Array) -> jax.Array:
+        return jnp.max(x, initial=0.0)
+
+    @staticmethod
+    def spread(value: jax.Array) -> jax.Array:
+        return value  # a scalar broadcasts
+
+
+_WHOLE = _WholeTensor()
+
+
+def _power_sum(arrays: list[jax.Array], p: float, over: Any = _WHOLE) -> jax.Array:
     """sum(|x|^p) over every element of ``arrays`` (p = 2: sum(|x|^2), real for complex)."""
     power = abs_sq if p == 2 else (lambda x: jnp.abs(x) ** p)
-    return cast(jax.Array, sum(jnp.sum(power(_at_least_float32(x))) for x in arrays))
+    return cast(jax.Array, sum(over.sum(power(_at_least_float32(x))) for x in arrays))
 
 
 def _root(total: jax.Array, p: float) -> jax.Array:
     return jnp.sqrt(total) if p == 2 else total ** (1.0 / p)
 
 
-def _p_norm(arrays: list[jax.Array], p: float, plain: jax.Array | None = None) -> jax.Array:
+def _p_norm(
+    arrays: list[jax.Array], p: float, plain: jax.Array | None = None, over: Any = _WHOLE
+) -> jax.Array:
     """The p-norm of all of ``arrays``' elements, finite for finite inputs (p in (0, inf]).
 
     The plain ``root(sum(|x|^p))`` (or ``plain``, the caller's form of it) is the
@@ -100,40 +123,42 @@ def _p_norm(arrays: list[jax.Array], p: float, plain: jax.Array | None = None) -
     when the sum overflows (|x| above ~1.8e19 for p = 2, or many large values)
     is it recomputed as ``m * root(sum(|x / m|^p))`` with ``m = max |x|``; a
     non-finite input keeps the plain (inf / NaN) result, as Keras and PyTorch.
+    ``over`` reduces: the whole tensors, or (a ``Segments``) each leaf's
+    segment of a flat buffer, giving one norm per leaf.
     """
     if p == float("inf"):
-        return _max_abs(arrays)
-    total = _power_sum(arrays, p)
+        return _max_abs(arrays, over)
+    total = _power_sum(arrays, p, over)
     plain = _root(total, p) if plain is None else plain
 
     def rescaled(_):
         with jax.named_scope(OVERFLOW_FALLBACK):
-            m = _max_abs(arrays)
-            safe_m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
-            scaled = m * _root(_power_sum([_at_least_float32(x) / safe_m for x in arrays], p), p)
-            return jnp.where(jnp.isfinite(m) & (m > 0), scaled, plain).astype(plain.dtype)
+            m = _max_abs(arrays, over)
+            ok = jnp.isfinite(m) & (m > 0)
+            safe_m = over.spread(jnp.where(ok, m, 1.0))
+            scaled = m * _root(
+                _power_sum([_at_least_float32(x) / safe_m for x in arrays], p, over), p
+            )
+            # Only the overflowing norms change (every one, for a whole tensor).
+            return jnp.where(ok & ~jnp.isfinite(plain), scaled, plain).astype(plain.dtype)
 
     # Tested on the norm, not the sum: the sum then feeds one consumer and XLA keeps the
     # whole reduction in one fusion, as without the fallback.
-    return jax.lax.cond(jnp.isfinite(plain), lambda _: plain, rescaled, None)
+    return jax.lax.cond(jnp.all(jnp.isfinite(plain)), lambda _: plain, rescaled, None)
 
 
-def _max_abs(arrays: list[jax.Array]) -> jax.Array:
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(_at_least_float32(x)), initial=0.0) for x in arrays]))
+def _max_abs(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Array:
+    maxima = [over.max(jnp.abs(_at_least_float32(x))) for x in arrays]
+    return functools.reduce(jnp.maximum, maxima)
 
 
-def _square_sum(g: jax.Array) -> jax.Array:
-    """sum(|g|^2) in float32 at least (real for complex g)."""
-    return _power_sum([g], 2)
-
-
-def _keras_norm(g: jax.Array) -> jax.Array:
+def _keras_norm(g: jax.Array, over: Any = _WHOLE) -> jax.Array:
     """sqrt(sum(|g|^2)); 0 stays exactly 0 (Keras' two-tap where); no overflow for finite g."""
-    square_sum = _square_sum(g)
+    square_sum = _power_sum([g], 2, over)
     plain = jnp.where(
         square_sum > 0, jnp.sqrt(jnp.where(square_sum > 0, square_sum, 1)), square_sum
     )
-    return _p_norm([g], 2, plain)
+    return _p_norm([g], 2, plain, over)
 
 
 def clip_by_norm(clipnorm: float, *, sum_duplicates: bool = True) -> optax.GradientTransformation:
@@ -156,15 +181,22 @@ def clip_by_norm(clipnorm: float, *, sum_duplicates: bool = True) -> optax.Gradi
     """
     _checks.check_range("clipnorm", clipnorm, 0.0, low_open=True)
 
-    def clip(g):
-        return ((g * clipnorm) / jnp.maximum(_keras_norm(g), clipnorm)).astype(g.dtype)
+    def clip(g, over=_WHOLE):
+        norm = over.spread(_keras_norm(g, over))
+        return ((g * clipnorm) / jnp.maximum(norm, clipnorm)).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
         del params
+        if isinstance(updates, _flat_buffers.FlatParams):  # rj.contiguous: a norm per segment
+            layout = updates.layout
+            clipped = [
+                clip(b, _flat_buffers.Segments.of(layout, g)) for g, b in enumerate(updates.buffers)
+            ]
+            return _flat_buffers.FlatParams(clipped, layout), state
         return _tree_map(clip, updates, sum_duplicates), state
 
     tx = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-    return _flat_rules.tag_factory(tx, "clip_by_norm", clipnorm=clipnorm)
+    return _flat_forms.declare(tx, _flat_forms.per_leaf)
 
 
 def global_norm(tree) -> jax.Array:
@@ -200,9 +232,9 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
         scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-    return _flat_rules.tag(
+    return _flat_forms.declare(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
-        _flat_rules.ELEMENTWISE,
+        _flat_forms.per_leaf,
     )
 
 
@@ -237,7 +269,7 @@ def clip_by_p_norm(max_norm: float, norm_type: float = 2.0) -> optax.GradientTra
         scale = jnp.minimum(max_norm / (total + 1e-6), 1.0)
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-    return _flat_rules.tag(
+    return _flat_forms.declare(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
-        _flat_rules.ELEMENTWISE,
+        _flat_forms.per_leaf,
     )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _trees
+from rmsprop_jax import _checks, _flat_forms, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -106,7 +106,9 @@ def weight_ema(
         new_updates, new_ema = (treedef.unflatten(column) for column in columns)
         return new_updates, EmaState(count=optax.safe_increment(state.count), ema=new_ema)
 
-    return _flat_rules.tag_factory(optax.GradientTransformation(init_fn, update_fn), "ema")
+    # Over flat buffers: elementwise, and (as per leaf) a leaf without a gradient still moves.
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _flat_forms.declare(tx, _flat_forms.fills_every_leaf)
 
 
 def overwrites_weights(calls: Any, frequency: int, gradient_accumulation_steps: int = 1) -> Any:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _trees
+from rmsprop_jax import _checks, _flat_forms, _trees
 from rmsprop_jax.sparse import dense_parts, map_gradients
 from rmsprop_jax.utils import zeros_like_shape
 
@@ -39,9 +39,9 @@ def unscale_gradients(loss_scale_factor: float) -> optax.GradientTransformation:
         del params
         return map_gradients(lambda g: _divide(g, loss_scale_factor), updates), state
 
-    return _flat_rules.tag(
+    return _flat_forms.declare(
         optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn),
-        _flat_rules.ELEMENTWISE,
+        _flat_forms.per_leaf,
     )
 
 
@@ -97,9 +97,7 @@ def dynamic_loss_scale(
     """
     _checks.check_range("initial_scale", initial_scale, 0.0, low_open=True)
     _checks.check_positive_int("dynamic_growth_steps", dynamic_growth_steps)
-    arguments = dict(
-        inner=inner, initial_scale=initial_scale, dynamic_growth_steps=dynamic_growth_steps
-    )
+    declared_inner = inner
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -139,7 +137,14 @@ def dynamic_loss_scale(
         )
 
     tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    return _flat_rules.tag_factory(tx, "dynamic_loss_scale", **arguments)
+
+    def flat_form(_, context):
+        # Fed zeros where a gradient is None: a skipped step must stay skipped.
+        flat_inner, after = _flat_forms.to_flat(declared_inner, context)
+        flat_tx = dynamic_loss_scale(flat_inner, initial_scale, dynamic_growth_steps)
+        return _flat_forms.zero_fed(flat_tx, context.present), after
+
+    return _flat_forms.declare(tx, flat_form)
 
 
 def loss_scale(opt_state: Any) -> jax.Array:

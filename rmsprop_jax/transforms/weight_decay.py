@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_rules, _schedules, _trees
+from rmsprop_jax import _checks, _flat_buffers, _flat_forms, _schedules, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -111,31 +111,31 @@ def add_decoupled_weight_decay(
             raise _checks.params_required("add_decoupled_weight_decay")
         check_sparse_leaves(updates, "grads")
         lr = learning_rate if schedule is None else schedule(state.count)
-        mask = decayed_mask(params)
 
-        def decay(u, w, decayed):
-            if u is None or not decayed:
-                return u
+        def decay(u, w):
             if isinstance(u, IndexedSlices):  # lazy: the touched rows only
-                return u.replace_values(decay(u.values, u.gather(w), decayed))
+                return u.replace_values(decay(u.values, u.gather(w)))
             return (u - (w * weight_decay * jnp.asarray(lr, w.dtype))).astype(u.dtype)
 
-        updates = jax.tree.map(
-            decay,
-            updates,
-            params,
-            mask,
-            is_leaf=lambda x: x is None or isinstance(x, IndexedSlices),
-        )
+        if isinstance(params, _flat_buffers.FlatParams):  # rj.contiguous: the mask of each leaf
+            flags = _flat_buffers.static_flags(
+                decayed_mask(params.unflatten()), params.layout, "exclude_from_weight_decay"
+            )
+            decayed = jax.tree.map(decay, updates, params)
+            updates = _flat_buffers.select(flags, decayed, updates)
+        else:
+            updates = jax.tree.map(
+                lambda u, w, on: u if u is None or not on else decay(u, w),
+                updates,
+                params,
+                decayed_mask(params),
+                is_leaf=lambda x: x is None or isinstance(x, IndexedSlices),
+            )
         count = None if schedule is None else optax.safe_increment(state.count)
         return updates, WeightDecayState(count=count)
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return _flat_rules.tag_factory(
-        tx,
-        "add_decoupled_weight_decay",
-        weight_decay=weight_decay,
-        learning_rate=learning_rate,
-        schedule=schedule,
-        decayed_mask=decayed_mask,
-    )
+    def flat_form(tx, context):
+        # Decayed leaves are stored first, so that the flat mask is one range (an iota compare).
+        return _flat_forms.per_leaf(tx, context._replace(leading=context.leading or decayed_mask))
+
+    return _flat_forms.declare(optax.GradientTransformation(init_fn, update_fn), flat_form)

@@ -1,0 +1,304 @@
+"""The flat buffers ``rj.contiguous`` works on: where each leaf lives, and per-leaf views of them.
+
+Private plumbing shared by :mod:`rmsprop_jax.flat` (which re-exports
+:class:`FlatParams` and :class:`Layout`) and by the transforms whose per-leaf
+meaning survives flattening only with the layout's help (a per-tensor norm is
+a :class:`Segments` sum, a per-leaf mask is :func:`leaf_mask`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmsprop_jax import _trees
+from rmsprop_jax.sparse import IndexedSlices
+
+__all__ = [
+    "FlatParams",
+    "Layout",
+    "Segments",
+    "concat",
+    "leaf_mask",
+    "make_layout",
+    "select",
+    "static_flags",
+    "unflatten",
+]
+
+# Iota comparisons build a mask inside the fused loop (no memory traffic) up to
+# this many ranges; beyond it the mask is a constant bool array (1 byte/param).
+_MAX_MASK_RANGES = 8
+
+# --------------------------------------------------------------------------- layout
+
+
+class Layout:
+    """Where each leaf of a pytree lives in the flat buffers (static; hashable, interned).
+
+    ``groups``: one ``(dtype name, size)`` per buffer; ``leaves``: per leaf of
+    ``treedef`` (None leaves included), ``(group, offset, shape)`` or None for a
+    None parameter; ``paths``: the leaves' path names (``"dense/bias"``).
+    """
+
+    __module__ = "rmsprop_jax.flat"  # its public home (pickles name it there)
+    __slots__ = ("__weakref__", "_hash", "_key", "groups", "leaves", "paths", "treedef")
+    _interned: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+    # The slots, set once in __new__ (annotations only: no class attributes).
+    treedef: jax.tree_util.PyTreeDef
+    groups: tuple[tuple[str, int], ...]
+    leaves: tuple[tuple[int, int, tuple[int, ...]] | None, ...]
+    paths: tuple[str, ...]
+    _key: tuple
+    _hash: int
+
+    def __new__(cls, treedef, groups, leaves, paths):
+        key = (treedef, tuple(groups), tuple(leaves), tuple(paths))
+        found = cls._interned.get(key)
+        if found is not None:
+            return found
+        self = object.__new__(cls)
+        self.treedef, self.groups, self.leaves, self.paths = key
+        self._key, self._hash = key, hash(key)
+        cls._interned[key] = self
+        return self
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Layout) and self._key == other._key)
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self):
+        groups = ", ".join(f"{name}[{size}]" for name, size in self.groups)
+        return f"Layout({len(self.leaves)} leaves -> {groups})"
+
+    def __reduce__(self):  # pickling (checkpoints): rebuilt, and interned, on load
+        return (Layout, (self.treedef, self.groups, self.leaves, self.paths))
+
+    def segments(self, group: int) -> list[tuple[int, int, int]]:
+        """``(leaf index, offset, size)`` of the leaves stored in buffer ``group``, by offset."""
+        out = [
+            (i, leaf[1], int(np.prod(leaf[2], dtype=np.int64)))
+            for i, leaf in enumerate(self.leaves)
+            if leaf is not None and leaf[0] == group
+        ]
+        return sorted(out, key=lambda s: s[1])
+
+
+def make_layout(params: Any, first: Callable[[int], bool] | None = None) -> Layout:
+    """The layout of ``params``; within a dtype, leaves with ``first(i)`` True come first."""
+    leaves, treedef = _trees.flatten_with_none(params)
+    groups: dict[str, list[int]] = {}
+    for i, (path, p) in enumerate(leaves):
+        if p is None:
+            continue
+        if isinstance(p, IndexedSlices):
+            raise TypeError(
+                f"rj.contiguous: params leaf {_trees.path_name(path)!r} is an IndexedSlices"
+            )
+        dtype = jnp.result_type(p)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"rj.contiguous: params leaf {_trees.path_name(path)!r} has dtype {dtype}; "
+                "only float and complex leaves can be stored flat (leave the others out, "
+                "or make them None)"
+            )
+        groups.setdefault(jnp.dtype(dtype).name, []).append(i)
+    placed: list[Any] = [None] * len(leaves)
+    sizes = []
+    for g, (name, members) in enumerate(groups.items()):
+        if first is not None:
+            members = sorted(members, key=lambda i: not first(i))  # stable
+        offset = 0
+        for i in members:
+            shape = tuple(int(d) for d in np.shape(leaves[i][1]))
+            placed[i] = (g, offset, shape)
+            offset += int(np.prod(shape, dtype=np.int64))
+        sizes.append((name, offset))
+    paths = tuple(_trees.path_name(path) for path, _ in leaves)
+    return Layout(treedef, tuple(sizes), tuple(placed), paths)
+
+
+# --------------------------------------------------------------------------- FlatParams
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class FlatParams:
+    """A pytree stored as one 1-D buffer per dtype; ``.unflatten()`` gives the tree back.
+
+    A pytree node: its children are the buffers (``jax.tree.map``, ``jax.grad``,
+    :func:`rmsprop_jax.apply_updates`, ``jit`` and donation see one array per
+    dtype), the :class:`Layout` is static aux data.
+    """
+
+    __module__ = "rmsprop_jax.flat"
+    __slots__ = ("buffers", "layout")
+
+    def __init__(self, buffers, layout: Layout):
+        self.buffers = tuple(buffers)
+        self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(name) for name, _ in self.layout.groups]
+        return list(zip(keys, self.buffers)), self.layout
+
+    def tree_flatten(self):
+        return self.buffers, self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, buffers):
+        obj = object.__new__(cls)
+        obj.buffers, obj.layout = tuple(buffers), layout
+        return obj
+
+    def unflatten(self) -> Any:
+        """The pytree (slices and reshapes of the buffers; free inside ``jit``)."""
+        return unflatten(self.layout, self.buffers)
+
+    def __getitem__(self, dtype_name: str):
+        """The buffer of one dtype, e.g. ``flat["float32"]``."""
+        for (name, _), buffer in zip(self.layout.groups, self.buffers):
+            if name == dtype_name:
+                return buffer
+        raise KeyError(dtype_name)
+
+    def __repr__(self):
+        inner = ", ".join(
+            f"{name}: {getattr(b, 'dtype', '?')}{list(np.shape(b))}"
+            for (name, _), b in zip(self.layout.groups, self.buffers)
+        )
+        return f"FlatParams({inner}; {len(self.layout.leaves)} leaves)"
+
+
+def concat(layout: Layout, leaves: list) -> tuple:
+    """One buffer per group from the flat list of leaves (None: zeros)."""
+    buffers = []
+    for g, (name, _size) in enumerate(layout.groups):
+        parts = []
+        for i, _offset, n in layout.segments(g):
+            leaf = leaves[i]
+            if leaf is None:
+                parts.append(jnp.zeros((n,), name))
+            else:
+                parts.append(jnp.reshape(leaf, (n,)))
+        buffers.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+    return tuple(buffers)
+
+
+def unflatten(layout: Layout, buffers, present: tuple | None = None) -> Any:
+    """The tree of ``buffers``; leaves with ``present[i]`` False (or None params) are None."""
+    out: list[Any] = [None] * len(layout.leaves)
+    for g, buffer in enumerate(buffers):
+        segments = layout.segments(g)
+        if len(segments) == 1 and segments[0][2] == np.shape(buffer)[0]:
+            pieces = [buffer]
+        else:
+            # lax.split: one op, whose transpose (under jax.grad) is one concatenate.
+            pieces = jnp.split(buffer, [offset for _, offset, _ in segments[1:]])
+        for (i, _, _), piece in zip(segments, pieces):
+            if present is None or present[i]:
+                spec = layout.leaves[i]
+                if spec is None:  # segments() lists only the leaves that are stored
+                    raise AssertionError(f"rj.contiguous: leaf {i} has no place in {layout!r}")
+                out[i] = jnp.reshape(piece, spec[2])
+    return layout.treedef.unflatten(out)
+
+
+def leaf_mask(layout: Layout, group: int, flags) -> jax.Array | None:
+    """Bool mask over buffer ``group`` that is True on the leaves with ``flags[i]``; None: all."""
+    segments = layout.segments(group)
+    size = layout.groups[group][1]
+    ranges: list[list[int]] = []
+    for i, offset, n in segments:
+        if not flags[i] or n == 0:
+            continue
+        if ranges and ranges[-1][1] == offset:
+            ranges[-1][1] = offset + n
+        else:
+            ranges.append([offset, offset + n])
+    if ranges == [[0, size]]:
+        return None
+    if not ranges:
+        return jnp.zeros((size,), bool)
+    if len(ranges) <= _MAX_MASK_RANGES:
+        iota = jax.lax.iota(jnp.int32, size)
+        mask = None
+        for lo, hi in ranges:
+            piece = (iota >= lo) & (iota < hi)
+            mask = piece if mask is None else mask | piece
+        return mask
+    dense = np.zeros((size,), bool)
+    for lo, hi in ranges:
+        dense[lo:hi] = True
+    return jnp.asarray(dense)
+
+
+def select(flags, new: FlatParams, old) -> FlatParams:
+    """``new`` on the leaves with ``flags[i]``, ``old`` (a FlatParams, or 0) elsewhere."""
+    if flags is None or all(flags):
+        return new
+    out = []
+    for g, buffer in enumerate(new.buffers):
+        mask = leaf_mask(new.layout, g, flags)
+        other = jnp.zeros_like(buffer) if isinstance(old, int) else old.buffers[g]
+        out.append(buffer if mask is None else jnp.where(mask, buffer, other))
+    return FlatParams(out, new.layout)
+
+
+def static_flags(tree: Any, layout: Layout, what: str) -> tuple[bool, ...]:
+    """Per leaf of ``layout``, the Python bool of ``tree``'s leaf (False for a None parameter).
+
+    ``tree`` (a bool pytree over the parameters, e.g. a weight-decay mask) must
+    be static: a traced flag cannot choose the flat mask's ranges.
+    """
+    out = []
+    for path, flag, leaf in zip(layout.paths, layout.treedef.flatten_up_to(tree), layout.leaves):
+        if leaf is None:
+            out.append(False)
+            continue
+        if isinstance(flag, jax.core.Tracer):
+            raise TypeError(f"{what} must give Python bools; got a traced value for {path!r}")
+        out.append(bool(flag))
+    return tuple(out)
+
+
+class Segments(NamedTuple):
+    """Per-leaf reductions of one flat buffer: each leaf's segment reduces to one value.
+
+    The flat counterpart of reducing a whole tensor (``jnp.sum`` /
+    ``jnp.max`` and a scalar broadcast): ``sum`` and ``max`` give one value
+    per leaf, ``spread`` gives every element its leaf's value. So per-tensor
+    code written against this interface (:func:`rmsprop_jax.clip_by_norm`'s
+    norm) runs unchanged over a flat buffer.
+    """
+
+    ids: jax.Array  # int32[size]: the leaf (segment) of each element
+    n_segments: int
+
+    @classmethod
+    def of(cls, layout: Layout, group: int) -> Segments:
+        ids, count = _segment_ids(layout, group)
+        return cls(jnp.asarray(ids), count)
+
+    def sum(self, x: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(x, self.ids, self.n_segments, indices_are_sorted=True)
+
+    def max(self, x: jax.Array) -> jax.Array:
+        return jax.ops.segment_max(x, self.ids, self.n_segments, indices_are_sorted=True)
+
+    def spread(self, per_leaf: jax.Array) -> jax.Array:
+        return per_leaf[self.ids]
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_ids(layout: Layout, group: int) -> tuple[np.ndarray, int]:
+    segments = layout.segments(group)
+    ids = np.repeat(np.arange(len(segments), dtype=np.int32), [n for _, _, n in segments])
+    return ids, len(segments)
