@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import optax
 import pytest
+from _jit import CountingJit
 from _transform_helpers import close, f64, keras_rmsprop_np, run_chain
 
 import rmsprop_jax as rj
@@ -245,3 +246,89 @@ def test_ema_arguments_unchecked_without_use_ema():
     # Keras validates ema_momentum / ema_overwrite_frequency only when use_ema=True.
     rj.rmsprop(ema_momentum=1.5, ema_overwrite_frequency=0)
     keras.optimizers.RMSprop(ema_momentum=1.5, ema_overwrite_frequency=0)
+
+
+P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
+G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
+
+# -- optax.inject_hyperparams -----------------------------------------------------------------
+
+
+def test_inject_hyperparams_epsilon_zero_keeps_the_zero_denominator_guard():
+    zeros = jax.tree.map(jnp.zeros_like, P)
+    injected = optax.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, epsilon=0.0)
+    u, _ = jax.jit(injected.update)(zeros, injected.init(P), P)
+    plain, _ = rj.rmsprop(0.1, epsilon=0.0).update(zeros, rj.rmsprop(0.1, epsilon=0.0).init(P), P)
+    jax.tree.map(np.testing.assert_array_equal, u, plain)  # 0, not NaN
+
+
+def test_inject_hyperparams_bfloat16_hyperparameters():
+    tx = optax.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.bfloat16)(learning_rate=0.1)
+    state = tx.init(P)
+    u, _ = jax.jit(tx.update)(G, state, P)
+    lr = float(state.hyperparams["learning_rate"])  # 0.1 rounded to bfloat16
+    ref, _ = rj.rmsprop(lr).update(G, rj.rmsprop(lr).init(P), P)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2), u, ref)
+
+
+def test_inject_hyperparams_traced_accumulation_steps_names_static_args():
+    with pytest.raises(ValueError, match="static_args"):
+        tx = optax.inject_hyperparams(rj.rmsprop)(gradient_accumulation_steps=2)
+        jax.jit(tx.update)(G, tx.init(P), P)
+
+
+# -- shape-only init, weak types, None and empty trees ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(use_ema=True),
+        lambda: rj.weight_ema(0.9),
+        lambda: rj.rmsprop(gradient_accumulation_steps=2, use_ema=True, momentum=0.5),
+    ],
+)
+def test_init_from_shape_dtype_structs(make):
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), P)
+    state = make().init(shapes)
+    real = jax.eval_shape(make().init, P)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), real
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(use_ema=True), dict(gradient_accumulation_steps=2), dict(momentum=0.9)]
+)
+def test_weak_typed_params_compile_once(kwargs):
+    params = {"w": jnp.asarray(1.0)}  # weak-typed
+    assert params["w"].weak_type
+    tx = rj.rmsprop(0.1, **kwargs)
+    state, step = tx.init(params), CountingJit(tx.update)
+    for _ in range(3):
+        _, state = step({"w": jnp.asarray(0.5)}, state, params)
+    assert step.traces == 1
+
+
+def test_use_ema_with_a_none_param_leaf():
+    params = {"w": jnp.ones(3), "frozen": None}
+    tx = rj.rmsprop(0.1, use_ema=True, ema_overwrite_frequency=1)
+    u, state = jax.jit(tx.update)({"w": jnp.ones(3), "frozen": None}, tx.init(params), params)
+    assert u["frozen"] is None and rj.ema_params(state)["frozen"] is None
+    ref, _ = rj.rmsprop(0.1).update({"w": jnp.ones(3)}, rj.rmsprop(0.1).init({"w": jnp.ones(3)}))
+    np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)
+
+
+def test_empty_params_with_every_feature():
+    tx = rj.rmsprop(0.1, use_ema=True, gradient_accumulation_steps=2, weight_decay=0.1)
+    u, _ = tx.update({}, tx.init({}), {})
+    assert u == {}
+
+
+def test_python_float_leaves_work_as_in_optax():
+    tx = rj.rmsprop(0.1, use_ema=True, clipnorm=1.0)
+    u, _ = tx.update({"w": 2.0}, tx.init({"w": 1.0}), {"w": 1.0})
+    ref, _ = rj.rmsprop(0.1, use_ema=True, clipnorm=1.0).update(
+        {"w": jnp.asarray(2.0)}, tx.init({"w": jnp.asarray(1.0)}), {"w": jnp.asarray(1.0)}
+    )
+    np.testing.assert_array_equal(u["w"], ref["w"])

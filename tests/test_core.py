@@ -384,3 +384,11 @@ def test_scale_by_rmsprop_refuses_a_learning_rate():
         rj.scale_by_rmsprop(learning_rate=0.01)
     with pytest.raises(TypeError, match="positional"):
         rj.scale_by_rmsprop(0.01)  # would have been rho: keyword-only
+
+
+def test_gradient_for_a_none_param_names_the_leaf():
+    tx = rj.rmsprop()
+    with pytest.raises(
+        ValueError, match=r"grads leaf 'w' has a gradient, but its parameter was None"
+    ):
+        tx.update({"w": jnp.ones(2)}, tx.init({"w": None}), {"w": None})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+
+import cloudpickle
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -498,3 +501,26 @@ def test_rj_transforms_run_their_declared_flat_forms_not_their_closures(monkeypa
     monkeypatch.setattr(inspect, "getclosurevars", no_closures)
     params = make_params()
     assert_same_run(tx, params, make_grads(params, steps=2))
+
+
+SMALL_P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
+SMALL_G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
+
+
+def test_contiguous_clipnorm_with_huge_gradients_equals_the_tree_path():
+    g = {"a": jnp.full((4,), 1e30), "b": jnp.full((3,), 0.3)}
+    params = jax.tree.map(jnp.zeros_like, g)
+    tree, flat = rj.rmsprop(0.1, clipnorm=1.0), rj.contiguous(rj.rmsprop(0.1, clipnorm=1.0))
+    want, _ = tree.update(g, tree.init(params), params)
+    got, _ = flat.update(g, flat.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+
+
+def test_contiguous_transform_pickles_with_cloudpickle():
+    tx = rj.contiguous(rj.rmsprop(0.1, momentum=0.9, use_ema=True, weight_decay=0.1))
+    clone = pickle.loads(cloudpickle.dumps(tx))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        clone.update(SMALL_G, clone.init(SMALL_P), SMALL_P),
+        tx.update(SMALL_G, tx.init(SMALL_P), SMALL_P),
+    )

@@ -409,3 +409,52 @@ def test_demo_accumulator_dtype_flag():
     assert parser.parse_args(["--accumulator-dtype", "int8"]).accumulator_dtype == "int8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--accumulator-dtype", "int4"])
+
+
+# -- int8 state: an outlier stays in its element ----------------------------------------------
+
+
+def _two_steps(tx, first):
+    params, state = {"w": jnp.zeros((64, 64))}, None
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in (first, {"w": jnp.full((64, 64), 0.1)}):
+        u, state = step(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params["w"], state
+
+
+@pytest.mark.parametrize("outlier", [1e20, float("inf"), float("nan")])
+def test_int8_outlier_never_reaches_the_other_elements_of_its_block(outlier):
+    base = jnp.full((64, 64), 0.1)
+    int8 = rj.rmsprop(0.01, accumulator_dtype="int8")
+    with_outlier, _ = _two_steps(int8, {"w": base.at[0, 3].set(outlier)})
+    without, _ = _two_steps(int8, {"w": base.at[0, 3].set(0.0)})
+    others = np.ones((64, 64), bool)
+    others[0, 3] = False
+    np.testing.assert_array_equal(with_outlier[others], without[others])
+    float32, _ = _two_steps(rj.rmsprop(0.01), {"w": base.at[0, 3].set(outlier)})
+    # Where float32 state is finite, int8 state is finite too (the element itself included).
+    assert bool(jnp.all(jnp.isfinite(with_outlier) | ~jnp.isfinite(float32)))
+    if outlier == 1e20:  # g**2 overflows: the step is 0 as with float32, then finite steps
+        assert float32[0, 3] == 0 and bool(jnp.isfinite(with_outlier[0, 3]))
+
+
+def test_int8_codec_saturates_non_finite_values_at_the_block_maximum():
+    q = rj.quantization
+    v = jnp.linspace(0.0, 2.0, 512).at[7].set(jnp.inf).at[300].set(jnp.nan)
+    stored = q.dequantize(q.quantize(v), v.shape)
+    clean = q.dequantize(q.quantize(v.at[7].set(0.0).at[300].set(0.0)), v.shape)
+    keep = np.ones(512, bool)
+    keep[[7, 300]] = False
+    np.testing.assert_array_equal(stored[keep], clean[keep])
+    block_max = [float(jnp.max(jnp.where(keep, v, 0)[i : i + 256])) for i in (0, 256)]
+    np.testing.assert_allclose([stored[7], stored[300]], block_max, rtol=0)
+    lonely = q.dequantize(q.quantize(jnp.zeros(256).at[0].set(jnp.inf)), (256,))
+    assert float(lonely[0]) == float(jnp.finfo(jnp.float32).max) and float(lonely[1:].max()) == 0
+
+
+def test_int8_codes_survive_values_near_the_float32_maximum():
+    q = rj.quantization
+    v = jnp.full(256, 1e38).at[1].set(5e37)  # XLA:CPU's reciprocal of 1e38 would flush to 0
+    np.testing.assert_allclose(q.dequantize(q.quantize(v), (256,)), v, rtol=0.01)

@@ -1077,3 +1077,31 @@ def test_keras_preset_unknown_argument():
     # rj.presets.keras is rj.rmsprop: Python's own TypeError names the bad argument.
     with pytest.raises(TypeError, match="'lr'"):
         rj.presets.keras(lr=0.1)
+
+
+# -- optax.inject_hyperparams -----------------------------------------------------------------
+
+P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
+G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, reference",
+    [
+        (rj.presets.optax, dict(learning_rate=0.1, momentum=0.9), optax.rmsprop),
+        (rj.presets.torch, dict(lr=0.1, momentum=0.9), None),
+        (rj.presets.oneflow, dict(lr=0.1), None),
+    ],
+)
+def test_inject_hyperparams_presets_under_jit(factory, kwargs, reference):
+    tx = optax.inject_hyperparams(factory)(**kwargs)
+    u, _ = jax.jit(tx.update)(G, tx.init(P), P)
+    plain = factory(**kwargs)
+    want, _ = plain.update(G, plain.init(P), P)
+    # Injected hyperparameters are float32 arrays (1 - alpha is then a float32 difference):
+    # a few ulps from the Python-float transform.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, want)
+    if reference is not None:
+        theirs = reference(**kwargs)
+        ref, _ = theirs.update(G, theirs.init(P), P)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6), u, ref)

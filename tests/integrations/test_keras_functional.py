@@ -7,6 +7,7 @@ Expectations come from a float64 NumPy model of Keras 3's RMSprop written from
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -688,3 +689,28 @@ def test_signature_and_attributes_are_keras_rmsprops():
             assert getattr(opt, name) == getattr(theirs, name), name
     with pytest.raises(AttributeError, match=r"momentum is read-only.*rj.RMSprop\(momentum=0.9"):
         opt.momentum = 0.9
+
+
+# -- setters and copies -----------------------------------------------------------------------
+
+P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
+G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "0.1", True])
+def test_set_learning_rate_rejects_bad_values(value):
+    opt = rj.RMSprop(0.1)
+    state = opt.init(P)
+    with pytest.raises((TypeError, ValueError), match="learning_rate"):
+        opt.set_learning_rate(state, value)
+
+
+def test_copy_of_rmsprop_owns_its_configuration():
+    opt = rj.RMSprop(0.1, weight_decay=0.5)
+    for clone in (copy.copy(opt), copy.deepcopy(opt)):
+        clone.exclude_from_weight_decay(var_names=["w"])
+        assert opt.get_config()["exclude_from_weight_decay"] is None
+        ours, _ = opt.stateless_apply(opt.init(P), G, P)
+        theirs, _ = clone.stateless_apply(clone.init(P), G, P)
+        assert not np.array_equal(ours["w"], theirs["w"])  # only the clone skips w's decay
+        np.testing.assert_array_equal(ours["b"], theirs["b"])

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
+import rmsprop_jax as rj
 from rmsprop_jax.quantization import QuantizedArray
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/: the worker scripts
@@ -181,3 +183,26 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
         assert mngr.latest_step() == total
         final = mngr.restore(total, args=ocp.args.StandardRestore(abstract))
     _assert_identical(final, full)
+
+
+# -- a checkpoint restored without a target is refused, not misread ---------------------------
+
+P = {"w": jnp.linspace(-1.0, 1.0, 64 * 80).reshape(64, 80), "b": jnp.zeros(3)}
+G = {"w": jnp.full((64, 80), 0.1), "b": jnp.full(3, -0.2)}
+
+
+def test_orbax_checkpoint_restored_without_target_is_refused(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = rj.rmsprop(0.1, momentum=0.9)
+    state = tx.init(P)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        raw = checkpointer.restore(tmp_path / "state")  # no target: dicts and lists
+        with pytest.raises(ValueError, match="not built by a transform with these options"):
+            tx.update(G, raw, P)
+        # Restored into the target it continues as the saved state does.
+        restored = checkpointer.restore(tmp_path / "state", tx.init(P))
+    jax.tree.map(np.testing.assert_array_equal, tx.update(G, restored, P), tx.update(G, state, P))
+    with pytest.raises(ValueError, match="decided by: momentum"):
+        rj.rmsprop(0.1).update(G, restored, P)  # a checkpoint of another config

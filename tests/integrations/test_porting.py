@@ -44,6 +44,7 @@ import pytest
 import torch
 
 import rmsprop_jax as rj
+from rmsprop_jax.integrations import porting
 
 RTOL = 1e-6
 MAX_SEEN: dict = {}
@@ -510,3 +511,23 @@ def test_keras_export_mismatched_config_errors():
         rj.porting.export_keras_state(opt, opt.init(params), peer.opt)
     with pytest.raises(ValueError, match="expected 6 arrays, got 4"):
         rj.porting.import_keras_state(opt, opt.init(params), peer.opt)
+
+
+def test_import_torch_state_with_numeric_keys_keeps_torch_order():
+    torch = pytest.importorskip("torch")
+    shapes = [(2,)] * 12  # same-shaped: a permutation would go unnoticed
+    torch_params = [torch.nn.Parameter(torch.full(s, float(i))) for i, s in enumerate(shapes)]
+    opt = torch.optim.RMSprop(torch_params, lr=0.01, momentum=0.5)
+    for p in torch_params:
+        p.grad = p.detach() + 1.0
+    opt.step()
+    params = {str(i): jnp.asarray(p.detach().numpy()) for i, p in enumerate(torch_params)}
+    tx = rj.presets.torch(lr=0.01, momentum=0.5)
+    for state_dict in (
+        opt.state_dict(),
+        {"state": {str(k): v for k, v in opt.state_dict()["state"].items()}},
+    ):
+        velocity = porting.import_torch_state(tx.init(params), state_dict, params).velocity
+        for i in range(12):
+            want = opt.state[torch_params[i]]["square_avg"].numpy()
+            np.testing.assert_allclose(velocity[str(i)], want, rtol=1e-7)

@@ -139,4 +139,45 @@ def test_clip_factories_reject_non_positive():
             factory(-1.0)
 
 
-#
+# -- norms without overflow -------------------------------------------------------------------
+
+HUGE = {"a": jnp.full((4,), 1e30), "b": jnp.full((3,), -3e30)}
+
+
+def _np_norm(tree, p=2.0):
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+    return np.sum(np.abs(flat) ** p) ** (1 / p)
+
+
+def test_global_norm_of_finite_huge_gradients_is_finite_and_right():
+    np.testing.assert_allclose(rj.global_norm(HUGE), _np_norm(HUGE), rtol=1e-6)
+    np.testing.assert_allclose(rj.global_norm({"x": jnp.array([3.0, 4.0])}), 5.0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "tx, expected",
+    [
+        (rj.clip_by_global_norm(1.0), lambda g: g / _np_norm(HUGE)),
+        (rj.clip_by_norm(1.0), lambda g: g / _np_norm({"x": g})),
+        (rj.clip_by_p_norm(1.0, 2.0), lambda g: g / _np_norm(HUGE)),
+        (rj.clip_by_p_norm(1.0, 3.0), lambda g: g / _np_norm(HUGE, 3.0)),
+    ],
+    ids=["global", "per-tensor", "p=2", "p=3"],
+)
+def test_clipping_huge_finite_gradients(tx, expected):
+    out, _ = jax.jit(tx.update)(HUGE, None)
+    for key in HUGE:
+        want = expected(np.asarray(HUGE[key], np.float64))
+        np.testing.assert_allclose(out[key], want, rtol=2e-6)
+
+
+def test_rmsprop_global_clipnorm_with_huge_finite_gradients_is_finite():
+    tx = rj.rmsprop(0.1, global_clipnorm=1.0)
+    params = jax.tree.map(jnp.zeros_like, HUGE)
+    u, _ = jax.jit(tx.update)(HUGE, tx.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
+def test_non_finite_gradients_keep_keras_nan_propagation():
+    out, _ = rj.clip_by_global_norm(1.0).update({"x": jnp.array([jnp.inf, 1.0])}, None)
+    assert bool(jnp.all(jnp.isnan(out["x"])))  # Keras: (n - n) is NaN
