@@ -43,6 +43,17 @@ the dense floor and ``rj`` with a dense gradient, against ``floor-sparse``
 is per table element and counts each scatter's whole operand (cost analysis
 does), so it overstates the sparse rows' traffic.
 
+The compile-time cases ``10x64``, ``300x64`` and ``1000x64`` (10, 300 and
+1,000 leaves of 64 elements, config ``full`` only; contenders ``floor``, ``rj``,
+``rj-contiguous``, ``rj-contiguous-flat`` and ``optax``) are there for the
+``compile s`` column: seconds for XLA to compile one jitted step (tracing
+and lowering excluded), shown for every JAX contender of every case. XLA
+compiles a kernel once for identical per-leaf kernels (same shapes), so a
+per-leaf optimizer's compile time grows with its distinct kernels; a tree
+split into slices of one buffer (``rj-contiguous`` on a tree) has a distinct
+kernel per leaf offset. ``--quick`` leaves these cases out unless
+``--cases`` names them.
+
 The floor's bytes are the config's minimum (:data:`FLOOR_BYTES`); XLA:CPU
 does not fuse sibling outputs into one loop, so the compiled floor itself
 writes each state array in its own loop and re-reads the fresh ``v`` / ``a``
@@ -122,12 +133,20 @@ CASES: dict[str, tuple[int, int]] = {
     "16M/160": (16_000_000, 160),
     "1M/100": (1_000_000, 100),
     "100K/200": (100_000, 200),
+    # Compile-time cases: many small leaves, full features (compile s is the column to read).
+    "10x64": (640, 10),
+    "300x64": (19_200, 300),
+    "1000x64": (64_000, 1000),
 }
+#: The compile-time cases: only the full config, only these contenders, never shrunk.
+COMPILE_CASES = ("10x64", "300x64", "1000x64")
+COMPILE_CONTENDERS = ("floor", "rj", "rj-contiguous", "rj-contiguous-flat", "optax")
 SPARSE_CASE = "sparse 1Mx64/4096"
 SPARSE_SHAPE = (1_000_000, 64)
 SPARSE_IDS = 4096
 SPARSE_CONFIGS = ("plain", "centered+momentum")  # full: EMA and global norm are dense anyway
 QUICK_SHRINK = 16
+QUICK_LEAF_SHRINK = 4  # compile time grows with the leaves: --quick keeps a quarter of them
 # The steps cycle through this many gradient sets: with one constant gradient the
 # centered variance v - a^2 decays geometrically into float32 denormals, which
 # PyTorch (no flush-to-zero, unlike XLA:CPU) then computes 100x slower.
@@ -192,10 +211,12 @@ TORCH_LABEL = {
 
 
 def case_sizes(case: str, quick: bool) -> tuple[int, int, int]:
-    """(params, leaves, leaf size) of a case, shrunk ~16x by --quick."""
+    """(params, leaves, leaf size) of a case; --quick shrinks the parameters ~16x and the
+    leaves 4x (the compile-time cases are never shrunk: their leaves are the point)."""
     total, leaves = CASES[case]
-    if quick:
+    if quick and case not in COMPILE_CASES:
         total //= QUICK_SHRINK
+        leaves = max(1, leaves // QUICK_LEAF_SHRINK)
     size = max(1, round(total / leaves))
     return size * leaves, leaves, size
 
@@ -836,14 +857,15 @@ def _row(case, n, leaves, config, c: Contender | None, name, status, note, floor
             ratio_to=c.ratio_to,
             ratio=(ms / ref) if ref else None,
         )
+        if c.ratio_to != "floor" and floor_ms.get("floor"):
+            row["ratio_to_dense_floor"] = ms / floor_ms["floor"]
+    if c is not None:  # what compiling showed (compile time, HLO), measured or not
         stats = {k: v for k, v in c.stats.items() if k != "keep_alive"}
         row.update(stats)
         if "bytes_accessed" in stats:
             row["hlo_bytes_per_param"] = stats["bytes_accessed"] / n
         if "passes" in stats:
             row["passes_per_leaf"] = stats["passes"] / leaves
-        if c.ratio_to != "floor" and floor_ms.get("floor"):
-            row["ratio_to_dense_floor"] = ms / floor_ms["floor"]
     return row
 
 
@@ -870,9 +892,14 @@ def run_case(case, config, quick, repeats, target_s, seed, log) -> list[dict]:
         makers["rj-int8"] = lambda *a: make_rj(*a, accumulator_dtype="int8")
         makers["rj-contiguous"] = lambda *a: make_rj(*a, contiguous=True)
         makers["rj-contiguous-flat"] = lambda *a: make_rj(*a, contiguous=True, flat=True)
-        for name in CONTENDERS:
+        names = COMPILE_CONTENDERS if case in COMPILE_CASES else CONTENDERS
+        for name in names:
+            started = time.perf_counter()
             try:
                 contenders.append(makers[name](config, host_params, grad_sets))
+                compile_s = contenders[-1].stats.get("compile_s")
+                took = f"compiled in {compile_s:.2f} s" if compile_s is not None else "ready"
+                log(f"  {case} {config} {name}: {took} ({time.perf_counter() - started:.1f} s)")
             except _NotAvailable as err:
                 failed.append((name, "n/a", str(err)))
             except ImportError as err:
@@ -960,6 +987,7 @@ def format_table(rows: list[dict]) -> str:
         "state B/param",
         "temp MB",
         "peak MB",
+        "compile s",
     )
     lines = [header]
     for r in rows:
@@ -983,10 +1011,11 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r.get("state_bytes_per_param"), ".3f"),
                 _fmt(r["temp_bytes"] / 2**20 if "temp_bytes" in r else None, ".1f"),
                 _fmt(r["peak_bytes"] / 2**20 if "peak_bytes" in r else None, ".1f"),
+                _fmt(r.get("compile_s"), ".2f"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13}
+    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14}
     out = [
         "  ".join(
             cell.rjust(w) if i in right else cell.ljust(w)
@@ -1027,7 +1056,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"sizes /{QUICK_SHRINK}, 3 repeats, short measurements (the whole run < 60 s)",
+        help=f"sizes /{QUICK_SHRINK}, leaves /{QUICK_LEAF_SHRINK}, 3 repeats, short measurements, "
+        "no compile-time cases unless named in --cases (the whole run < 60 s on 2 cores)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every row (and the machine) as JSON")
     parser.add_argument(
@@ -1093,7 +1123,7 @@ def run(
     log(
         f"timing: {repeats} interleaved repeats, median; each measurement ~{target_s * 1e3:.0f} ms "
         "of back-to-back steps ended by block_until_ready; warm-up and compilation excluded"
-        + ("; --quick: sizes /16" if quick else "")
+        + (f"; --quick: sizes /{QUICK_SHRINK}, leaves /{QUICK_LEAF_SHRINK}" if quick else "")
     )
     for name, (b, what) in FLOOR_BYTES.items():
         log(f"floor {name}: {b} bytes/param assumed ({what})")
@@ -1116,6 +1146,9 @@ def run(
                 continue
             if case == SPARSE_CASE and config not in SPARSE_CONFIGS:
                 continue
+            if case in COMPILE_CASES and (config != "full" or (quick and not cases)):
+                continue
+            log(f"[{case} {config}: building and compiling the contenders]")
             t0 = time.perf_counter()
             case_rows = run_case(case, config, quick, repeats, target_s, seed, log)
             rows += case_rows

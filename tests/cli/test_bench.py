@@ -126,7 +126,18 @@ def test_case_filter():
         bench._parse_filter("17M/3")
     assert bench.case_sizes("16M/160", quick=False) == (16_000_000, 160, 100_000)
     n, leaves, _ = bench.case_sizes("16M/160", quick=True)
-    assert leaves == 160 and n == 1_000_000
+    assert leaves == 40 and n == 1_000_000  # quick: parameters /16, leaves /4
+    assert bench.case_sizes("1000x64", quick=True) == (64_000, 1000, 64)  # never shrunk
+
+
+def test_compile_time_is_a_column_of_every_jax_contender():
+    params, grads = bench._host_data(3, 8, seed=0)
+    contender = bench.make_rj("full", params, grads)
+    assert contender.stats["compile_s"] > 0
+    row = bench._row("10x64", 24, 3, "full", contender, contender.name, "ok", "", {})
+    table = bench.format_table([row])
+    assert "compile s" in table.splitlines()[0]
+    assert f"{contender.stats['compile_s']:.2f}" in table.splitlines()[2]
 
 
 def test_contiguous_contender_is_measured():
