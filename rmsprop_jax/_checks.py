@@ -178,7 +178,7 @@ _STATE_FIELD_OPTIONS = {
     "count": "learning_rate (a schedule keeps a step count) / bias_correction",
     "velocity": "accumulator_dtype",
     "codes": "accumulator_dtype",
-    "absmax": "accumulator_dtype",
+    "block_scale": "accumulator_dtype",
     "ema": "use_ema",
     "accumulators": "gradient_accumulation_steps",
     "inner_state": "gradient_accumulation_steps / loss scaling",

@@ -415,11 +415,14 @@ def rmsprop_update(
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
+                # Every new v of a block is at most rho * (its scale) + (1 - rho) * max |g|^2:
+                # a bound known before the loop, so the codes need no materialised float v.
+                bound = quantization.velocity_bound(v, g, rho)
                 v = quantization.dequantize(v, jnp.shape(g))
                 update, v, a, m = rmsprop_leaf_update(
                     g, v, a, m, lr, bias_denominator, **leaf_options
                 )
-                return update, quantization.quantize(v), a, m
+                return update, quantization.quantize(v, upper_bound=bound), a, m
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(

@@ -1,91 +1,88 @@
-r"""8-bit blockwise state (``accumulator_dtype="int8"``), as bitsandbytes' 8-bit RMSprop.
+r"""8-bit blockwise state (``accumulator_dtype="int8"``), after bitsandbytes' 8-bit RMSprop.
 
 The second-moment slot ``v`` (the mean of :math:`|g|^2`, non-negative) of every
 leaf with at least :data:`MIN_QUANTIZED_SIZE` elements is stored as a
 :class:`QuantizedArray`: the leaf is flattened, zero-padded to a multiple of
 :data:`BLOCK_SIZE` = 256 and cut into blocks; each block keeps one float32
-``absmax`` (its largest value) and one uint8 code per element, an index into
-the 256-entry :data:`DYNAMIC_MAP` of values in [0, 1]:
+``block_scale`` :math:`s` (at or above its largest value) and one uint8 code
+:math:`c` per element, a tiny float relative to the scale (4 mantissa bits, 16
+values per octave, 16 octaves):
 
 .. math::
 
-  v \approx \text{DYNAMIC\_MAP}[\text{code}] \cdot \text{absmax}_\text{block}
+  v \approx s \cdot 2^{-k/16}\text{, linearly interpolated within each octave;}
+  \quad k = 255 - c;\quad c = 0 \Leftrightarrow v = 0
 
-That is 1 + 4/256 = 1.016 bytes per element instead of 4. Each step
-dequantizes ``v``, runs the same float32 arithmetic as every other path
-(:func:`rmsprop_jax.rmsprop_leaf_update`, so the step itself uses the new
-``v`` before rounding), and quantizes the new ``v`` with the block's new
-absmax: each element gets the code of the NEAREST map value of
-``v / absmax`` (round to nearest, deterministic). The block maximum is
-stored exactly (code 255 = 1.0), and so is 0 (code 0), so a zero gradient
-keeps a zero state and never makes a NaN (an all-zero block has absmax 0 and
-is divided by 1 instead).
+Exactly: the code is the float32 bit pattern of :math:`v / s` counted down
+from 1.0 in steps of :math:`2^{19}` (``bits(1.0) - k << 19``), so encoding
+and decoding are integer arithmetic on the bits: no table, no gather, and
+XLA fuses them into the loops of the step. That is 1 + 4/256 = 1.016 bytes
+per element instead of 4.
+
+**One step** of a quantized leaf: decode ``v``, run the same float32
+arithmetic as every other path (:func:`rmsprop_jax.rmsprop_leaf_update`, so
+the step itself uses the new ``v`` before rounding), and encode the new ``v``
+(:func:`quantize` with ``upper_bound``). The new block maximum is not known
+before the loop that computes the new ``v``; instead the encode uses a bound
+known beforehand, :math:`\rho s + (1 - \rho) \max_\text{block} |g|^2` (from
+one reduction over ``g``), and the scale is then tightened by whole octaves
+to the block's largest code (a code shift, exact): three light passes over
+uint8 codes instead of a materialised float32 ``v``. The result equals
+encoding against the exact block maximum except that the range ends
+16 octaves below twice the bound, not below the maximum (in a step the bound
+exceeds the maximum by about one octave: the range loses about two). Zero stays exactly zero, so
+a zero gradient keeps a zero state (no NaN); a positive value below the
+range keeps the smallest code (its ``v`` is overstated, its step smaller).
 
 **Outliers stay in their element.** A non-finite new ``v`` (a gradient
 element whose square overflows float32, such as 1e20, or an inf or NaN
-gradient) is stored as its block's largest finite value (float32's largest
-value when the block has no other non-zero value); the block's other codes
-and its absmax are what they would be without it. The step that met it used
-the exact float32 ``v`` (inf: that element does not move, as with float32
-state). Afterwards float32 state keeps ``v = inf`` and freezes the element for
-good, while 8-bit state holds a large finite ``v`` and lets it move again with
-small steps: never a NaN where float32 state is finite, and never a NaN
-spread to the 255 other elements of the block (as a plain blockwise absmax
-would: ``inf / inf``).
+gradient) is stored with the top code, i.e. as its block's scale (float32's
+largest power of two, 2**127, when the block has no finite non-zero value);
+the block's other codes and its scale are what they would be without it (the
+step falls back to the exact block maximum of the finite values when a
+gradient in the leaf is not finite). The step that met it used the exact
+float32 ``v`` (inf: that element does not move, as with float32 state).
 
-**The dynamic map** (Dettmers, *8-Bit Approximations for Parallelism in Deep
-Learning*, 2016; bitsandbytes ``create_dynamic_map(signed=False)``, the map
-its 8-bit optimizers use for their non-negative second state): a dynamic
-exponent (7 decades) with linear fraction bits, more fraction bits in the
-larger decades. For decade ``i = 0 .. 6`` there are ``2**(i+1)`` values,
-the centres of ``2**(i+1)`` equal cells of [0.1, 1] scaled by ``10**(i-6)``:
-
-.. math::
-
-  q_{i,j} = 10^{\,i-6}\,\Bigl(0.1 + 0.9\,\frac{j + 1/2}{2^{i+1}}\Bigr),
-  \qquad j = 0, \dots, 2^{i+1}-1,
-
-2 + 4 + ... + 128 = 254 values, plus 0 and 1: 256, sorted (decade ``i``
-holds codes ``2**(i+1) - 1 .. 2**(i+2) - 2``). The values are computed in
-float64 and rounded to float32 (bitsandbytes rounds its linspace in
-float32, so a few entries may differ from its table by one ulp).
-
-**Accuracy.** One rounding to the nearest map value makes a relative error
-of at most half a cell: 0.35 % near the block maximum, 3.5 % at 1/10 of it,
-7 % at 1/100, 14 % at 1/1000 (``4.5 / 2**(i+1)`` at the bottom of decade
-``i``); values below about 1.6e-7 of the block maximum round to 0. The
-absolute error is at most 0.35 % of the block maximum. Over many steps the
+**Accuracy.** One rounding makes a relative error of at most 1/32 (3.1 %)
+at the bottom of an octave, 1/64 at its top, the same at every magnitude
+down to :math:`2^{-15} s` (3e-5 of the scale); smaller positive values keep
+the smallest code. The previous format (bitsandbytes' dynamic map, through
+version 0.1) erred 0.35 % near the block maximum but 3.5 % at 1/10 of it,
+7 % at 1/100, 11 % at 1/1000 and 47 % above 1e-6
+(``tests/test_quantization.py`` compares the two). Over many steps the
 roundings add up like an AR(1) process (``v`` keeps ``rho`` of its rounded
-self), so the state drifts from float32 state by a few roundings, more for
-``rho`` close to 1. Measured after 200 steps (``tests/test_quantization.py``,
-a 256x64 leaf):
-
-* gradients N(0, 1), ``rho=0.9``: relative error of ``v`` median 0.7 %,
-  99th percentile 4 %, max 11 %; the denominator :math:`\sqrt{v+\epsilon}`
-  median 0.4 %, max 5 % (``rho=0.99``: ``v`` median 1.2 %, max 8 %);
-* gradient scales spread over 2 decades inside each block (``v`` over 4),
-  ``rho=0.9``: median 3 %; elements above 1/10 of their block's maximum
-  within 11 %; the smallest elements can be off by 100 %, but the absolute
-  error stays under 2 % of the block maximum, so their steps, which divide
-  by a tiny :math:`\sqrt{v}`, are the ones that differ.
-
-Training is robust to this (``python -m rmsprop_jax parity``: final losses
-within 0.6 % of float32 state on two tasks).
+self), and round to nearest sticks where one update moves ``v`` by less
+than half a step (``rho`` close to 1). Measured after 200 steps of N(0, 1)
+gradients on a 256x64 leaf (``_track`` in ``tests/test_quantization.py``,
+which bounds these numbers): ``rho=0.9``: relative error of ``v``
+median 2.2 %, 99th percentile 8 %, max 13 %; the denominator
+:math:`\sqrt{v+\epsilon}` median 1.1 %, max 6 % (the dynamic map: ``v``
+median 0.7 %, max 11 %; denominator median 0.4 %, max 5 %). ``rho=0.99``:
+``v`` median 5.6 %, max 31 % (the dynamic map: 1.2 %, 8 %); a stochastic
+rounding would remove this drift and is not implemented.
+Training: ``python -m rmsprop_jax parity`` gives final losses within 0.41 %
+(digits MLP) and 0.06 % (character MLP) of float32 state, where the dynamic
+map gave 0.51 % and 0.04 %.
 
 **What stays float32** (as bitsandbytes): leaves with fewer than
 :data:`MIN_QUANTIZED_SIZE` = 4096 elements (biases, norms: little memory,
 and most sensitive), and the signed slots -- the centered mean gradient and
 the momentum buffer -- of every leaf. (bitsandbytes' 8-bit RMSprop silently
-drops momentum; here momentum works and its buffer is float32. A signed
-8-bit map for it would be a further saving.) Row-sparse gradients
-(:class:`~rmsprop_jax.IndexedSlices`) on a quantized leaf raise
+drops momentum; here momentum works and its buffer is float32.) Row-sparse
+gradients (:class:`~rmsprop_jax.IndexedSlices`) on a quantized leaf raise
 NotImplementedError: a row is not a block, so a lazy row update would have
 to requantize whole blocks of untouched rows.
 
 A :class:`QuantizedArray` is a NamedTuple of two arrays, so the state stays
 a pytree of fixed shapes: ``jit``, buffer donation, ``jax.tree`` utilities
 and checkpointing work unchanged, and the step compiles once. The leaf's
-shape is not stored; it is the gradient's (and the parameter's) shape.
+shape is not stored; it is the gradient's (and the parameter's) shape. A
+state saved by version 0.1 (fields ``codes`` / ``absmax``, the dynamic map)
+is refused by name, never reinterpreted.
+
+Reference: Dettmers et al., *8-bit Optimizers via Block-wise Quantization*,
+ICLR 2022 (the blockwise scheme; the code here is a 4-bit-mantissa float
+instead of their dynamic map).
 """
 
 from __future__ import annotations
@@ -100,107 +97,66 @@ import numpy as np
 
 __all__ = [
     "BLOCK_SIZE",
-    "DYNAMIC_MAP",
-    "MIDPOINTS",
     "MIN_QUANTIZED_SIZE",
+    "STEPS_PER_OCTAVE",
     "QuantizedArray",
     "check_dense_gradient",
-    "create_dynamic_map",
+    "decode",
     "dequantize",
+    "encode",
     "full",
     "is_quantized_size",
     "quantize",
-    "quantize_codes",
     "restore",
     "state_bytes_per_param",
     "structure_view",
     "tree_nbytes",
+    "velocity_bound",
 ]
 
-#: Elements per block; each block has its own float32 absmax.
+#: Elements per block; each block has its own float32 scale.
 BLOCK_SIZE = 256
 #: Leaves with fewer elements keep a float32 ``v`` (bitsandbytes' ``min_8bit_size``).
 MIN_QUANTIZED_SIZE = 4096
+#: Codes per octave (4 mantissa bits): code ``c`` is ``255 - c`` such steps below the scale.
+STEPS_PER_OCTAVE = 16
+
+_SHIFT = 23 - 4  # float32 mantissa bits below the 4 a code keeps
+_ONE_BITS = 0x3F800000  # bits of 1.0
+_LARGEST_POWER_OF_TWO = np.float32(2.0**127)
 
 
 class QuantizedArray(NamedTuple):
-    """A non-negative array stored as 8-bit codes into :data:`DYNAMIC_MAP` plus a scale per block.
+    """A non-negative array stored as 8-bit codes relative to one float32 scale per block.
 
-    ``value[k] = DYNAMIC_MAP[codes[k]] * absmax[k // BLOCK_SIZE]`` for the
+    ``value[k] = decode(codes[k]) * block_scale[k // BLOCK_SIZE]`` for the
     flattened array, zero-padded to ``n_blocks * BLOCK_SIZE`` elements.
     """
 
-    #: uint8 [n_blocks * BLOCK_SIZE]: index into DYNAMIC_MAP, row-major order.
+    #: uint8 [n_blocks * BLOCK_SIZE]: 0 is 0; ``c > 0`` is ``255 - c`` steps of 1/16 octave below 1.
     codes: jax.Array
-    #: float32 [n_blocks]: the largest value of each block (0 for an all-zero block).
-    absmax: jax.Array
+    #: float32 [n_blocks]: the block's largest value, up to one octave more (0: all zero).
+    block_scale: jax.Array
 
 
-def create_dynamic_map(max_exponent_bits: int = 7) -> np.ndarray:
-    """The unsigned dynamic quantization map (see the module docstring): 256 sorted float32 in [0, 1]."""
-    points: list[float] = [0.0, 1.0]
-    for i in range(max_exponent_bits):
-        cells = 2 ** (i + 1)
-        centres = 0.1 + 0.9 * (np.arange(cells) + 0.5) / cells
-        points.extend(10.0 ** (i - (max_exponent_bits - 1)) * centres)
-    values = np.sort(np.asarray(points, np.float64)).astype(np.float32)
-    if values.shape != (256,) or not np.all(np.diff(values) > 0):
-        raise AssertionError("the dynamic map must have 256 increasing values")
-    return values
+def encode(y: jax.Array) -> jax.Array:
+    """uint8 codes of ``y`` in [0, 1] (round to nearest): 0 for 0, at least 1 for ``y > 0``.
 
-
-#: The 256 values a code stands for, as a fraction of the block's absmax.
-DYNAMIC_MAP = create_dynamic_map()
-DYNAMIC_MAP.setflags(write=False)
-#: Rounding thresholds: ``y`` gets code ``#{MIDPOINTS < y}`` (the nearest map value, ties down).
-MIDPOINTS = ((DYNAMIC_MAP[1:].astype(np.float64) + DYNAMIC_MAP[:-1]) / 2).astype(np.float32)
-MIDPOINTS.setflags(write=False)
-
-# ``searchsorted(MIDPOINTS, y)`` as a binary search costs 8 dependent gathers
-# per element (several times the whole float32 update on CPU). Instead the
-# float32 bits of y select one of ~6700 buckets (exponent + top 8 mantissa
-# bits, relative width <= 2**-8). A bucket is narrower than the gap between
-# any two thresholds (relative gap >= 0.7 %), so it holds at most one, and
-# the code is ``#thresholds below the bucket + (y > the bucket's threshold)``:
-# two gathers from small tables, identical to searchsorted for every float32
-# (checked exhaustively from 0 to 1; the tests check a dense sample). A
-# fully arithmetic version (log10 for the decade, a linear cell, a correction
-# by one) was measured slower on CPU.
-_SHIFT = 15  # keep the sign, 8 exponent and 8 mantissa bits
-_FIRST_BUCKET = (
-    int(np.float32(2.0**-26).view(np.int32)) >> _SHIFT
-)  # far below MIDPOINTS[0] = 1.6e-7
-_LAST_BUCKET = (
-    int(np.float32(1.0).view(np.int32)) >> _SHIFT
-)  # holds 1.0 (larger values clamp to it)
-
-
-def _bucket_tables() -> tuple[np.ndarray, np.ndarray]:
-    buckets = np.arange(_FIRST_BUCKET, _LAST_BUCKET + 1, dtype=np.int32)
-    low = (buckets << _SHIFT).view(np.float32)
-    high = ((buckets + 1) << _SHIFT).view(np.float32)
-    below = np.searchsorted(MIDPOINTS, low, side="left")  # thresholds < low
-    inside = np.searchsorted(MIDPOINTS, high, side="left") - below
-    if inside.max() > 1:
-        raise AssertionError("a bucket holds two thresholds; keep more mantissa bits")
-    threshold = np.where(inside == 1, MIDPOINTS[np.minimum(below, len(MIDPOINTS) - 1)], np.inf)
-    return below.astype(np.uint8), threshold.astype(np.float32)
-
-
-_BUCKET_BASE, _BUCKET_THRESHOLD = _bucket_tables()
-
-
-def quantize_codes(y: jax.Array) -> jax.Array:
-    """uint8 code of the map value nearest to each ``y`` in [0, 1] (ties go down).
-
-    Equals ``np.searchsorted(MIDPOINTS, y)``; 0, -0.0 and negative values
-    give code 0, values above 1 (and NaN) code 255.
+    Values above 1 (and NaN) give 255, negative ones 0; positive values below
+    the 16-octave range give 1 (the smallest non-zero value, 2**-16 * 1.125).
     """
     y = jnp.asarray(y, jnp.float32)
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
-    bucket = jnp.clip((bits >> _SHIFT) - _FIRST_BUCKET, 0, len(_BUCKET_BASE) - 1)
-    up = y > jnp.asarray(_BUCKET_THRESHOLD)[bucket]
-    return jnp.asarray(_BUCKET_BASE)[bucket] + up.astype(jnp.uint8)
+    steps = (_ONE_BITS - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # to the nearest step
+    code = jnp.clip(255 - steps, 1, 255)
+    return jnp.where(y > 0, code, jnp.where(jnp.isnan(y), 255, 0)).astype(jnp.uint8)
+
+
+def decode(codes: jax.Array) -> jax.Array:
+    """The value in [0, 1] of each code (exact inverse of :func:`encode` on its outputs)."""
+    c = codes.astype(jnp.int32)
+    value = jax.lax.bitcast_convert_type(_ONE_BITS - ((255 - c) << _SHIFT), jnp.float32)
+    return jnp.where(c == 0, jnp.float32(0), value)
 
 
 def is_quantized_size(size: int) -> bool:
@@ -212,44 +168,118 @@ def _blocks(size: int) -> int:
     return -(-size // BLOCK_SIZE)
 
 
-def quantize(x: jax.Array) -> QuantizedArray:
-    """Blockwise 8-bit codes of a NON-NEGATIVE real array (any shape; computed in float32)."""
-    x = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+def _as_blocks(x: jax.Array) -> jax.Array:
+    x = jnp.ravel(jnp.asarray(x))
     n_blocks = _blocks(x.size)
-    blocks = jnp.pad(x, (0, n_blocks * BLOCK_SIZE - x.size)).reshape(n_blocks, BLOCK_SIZE)
-    # A non-finite element (an overflowing g**2, an inf or NaN gradient) saturates at its
-    # block's largest finite value, so it never touches the other elements' codes.
-    finite = jnp.isfinite(blocks)
-    absmax = jnp.max(jnp.where(finite, blocks, 0), axis=1)
-    saturate_at = jnp.where(absmax > 0, absmax, jnp.finfo(jnp.float32).max)  # none finite > 0
-    absmax = jnp.where(jnp.all(finite, axis=1), absmax, saturate_at)
-    scale = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))  # all-zero block: 0 / 1, not 0 / 0
-    # XLA:CPU divides through the reciprocal, which flushes to 0 above 2**126: scale huge
-    # blocks down by 2**-64 first (exact), so v near float32's maximum keeps its codes.
+    return jnp.pad(x, (0, n_blocks * BLOCK_SIZE - x.size)).reshape(n_blocks, BLOCK_SIZE)
+
+
+def _relative(values: jax.Array, scale: jax.Array) -> jax.Array:
+    """``values / scale`` per block (scale [n_blocks] > 0), exact in range for huge scales too.
+
+    XLA:CPU divides through the reciprocal, which flushes to 0 above 2**126:
+    huge scales are divided by 2**64 first (exact).
+    """
     shrink = jnp.where(scale > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
-    values = jnp.where(finite, blocks, absmax[:, None]) * shrink[:, None]
-    codes = quantize_codes(values / (scale * shrink)[:, None])
-    return QuantizedArray(codes=codes.reshape(-1), absmax=absmax)
+    return (values * shrink[:, None]) / (scale * shrink)[:, None]
+
+
+def velocity_bound(q: QuantizedArray, g: jax.Array, rho: Any) -> jax.Array:
+    """float32 [n_blocks]: at or above every finite ``rho * v + (1 - rho) * |g|^2`` of a block.
+
+    ``rho * block_scale + (1 - rho) * max|g|^2``, from two plain reductions of
+    ``g`` (largest and smallest value: no elementwise producer, so XLA reads
+    ``g`` and writes nothing of its size). When a gradient of the leaf is not
+    finite or its square overflows, the finite maximum of the new ``v`` itself
+    instead (a branch that only runs then), so an outlier never inflates its
+    block's scale.
+    """
+    g = jnp.asarray(g)
+    if jnp.iscomplexobj(g):
+        g_max = jnp.max(_as_blocks(jnp.abs(g)).astype(jnp.float32), axis=1)
+    else:
+        blocks = _as_blocks(g).astype(jnp.float32)
+        g_max = jnp.maximum(jnp.max(blocks, axis=1), -jnp.min(blocks, axis=1))
+    rho = jnp.asarray(rho, jnp.float32)
+    quick = rho * q.block_scale + (1 - rho) * g_max * g_max
+
+    def finite_maximum(_):
+        v_old = decode(q.codes.reshape(-1, BLOCK_SIZE)) * q.block_scale[:, None]
+        g_sq = _as_blocks(jnp.abs(g) ** 2).astype(jnp.float32)
+        v = rho * v_old + (1 - rho) * g_sq
+        return jnp.max(jnp.where(jnp.isfinite(v), v, 0), axis=1)
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(quick)), lambda _: quick, finite_maximum, None)
+
+
+def quantize(x: jax.Array, upper_bound: jax.Array | None = None) -> QuantizedArray:
+    """Blockwise 8-bit codes of a NON-NEGATIVE real array (any shape; computed in float32).
+
+    Args:
+      x: the values; non-finite ones get the top code (their block's scale).
+      upper_bound: optional float32 [n_blocks], finite and at or above every
+        finite value of its block (:func:`velocity_bound`). Then the codes are
+        computed without the block maximum (see the module docstring);
+        without it, the scale is the block's largest finite value.
+    """
+    blocks = _as_blocks(x).astype(jnp.float32)
+    if upper_bound is None:
+        return _quantize_exact(blocks)
+    # Capped so that the doubled bound stays finite (values above 2**127 get the top code).
+    bound = jnp.minimum(jnp.asarray(upper_bound, jnp.float32), _LARGEST_POWER_OF_TWO / 2)
+    return _quantize_bounded(blocks, bound)
+
+
+def _quantize_exact(blocks: jax.Array) -> QuantizedArray:
+    finite = jnp.isfinite(blocks)
+    largest = jnp.max(jnp.where(finite, blocks, 0), axis=1)
+    # No finite non-zero value but a non-finite one: saturate at float32's largest power of 2.
+    scale = jnp.where((largest == 0) & ~jnp.all(finite, axis=1), _LARGEST_POWER_OF_TWO, largest)
+    safe = jnp.where(scale > 0, scale, 1.0)  # an all-zero block: 0 / 1, not 0 / 0
+    codes = jnp.where(finite, encode(_relative(blocks, safe)), jnp.uint8(255))
+    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
+
+
+def _quantize_bounded(blocks: jax.Array, bound: jax.Array) -> QuantizedArray:
+    """Encode against ``2 * bound`` (codes <= 239), then tighten by whole octaves.
+
+    The provisional code is stored plus one, with 0 marking a non-finite
+    value, so that the plain maximum over it is the largest finite code.
+    """
+    finite = jnp.isfinite(blocks)
+    extended = 2 * bound
+    safe = jnp.where(extended > 0, extended, 1.0)
+    marked = jnp.where(finite, encode(_relative(blocks, safe)) + 1, 0).astype(jnp.uint8)
+    top = jnp.max(marked, axis=1).astype(jnp.int32) - 1  # largest finite code; -1: none finite
+    octaves = jnp.maximum(255 - top, 0) // STEPS_PER_OCTAVE
+    any_non_finite = jnp.min(marked, axis=1) == 0
+    scale = jnp.where(
+        top > 0,
+        extended * jnp.exp2(-octaves.astype(jnp.float32)),
+        jnp.where(any_non_finite, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
+    )
+    shift = (octaves * STEPS_PER_OCTAVE).astype(jnp.uint8)[:, None]
+    codes = jnp.where(marked == 0, jnp.uint8(255), jnp.where(marked == 1, 0, marked - 1 + shift))
+    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
 
 
 def dequantize(q: QuantizedArray, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    """The array of ``shape`` that ``q`` stands for: ``DYNAMIC_MAP[codes] * absmax``."""
+    """The array of ``shape`` that ``q`` stands for: ``decode(codes) * block_scale``."""
     size = math.prod(shape)
-    n_blocks = q.absmax.shape[0]
+    n_blocks = q.block_scale.shape[0]
     if q.codes.shape != (n_blocks * BLOCK_SIZE,) or n_blocks != _blocks(size):
         raise ValueError(
             f"a QuantizedArray with {n_blocks} blocks and {q.codes.shape[0]} codes does not "
             f"hold an array of shape {tuple(shape)} ({_blocks(size)} blocks of {BLOCK_SIZE})"
         )
-    blocks = jnp.asarray(DYNAMIC_MAP)[q.codes].reshape(n_blocks, BLOCK_SIZE)
-    values = blocks * q.absmax[:, None]
+    values = decode(q.codes.reshape(n_blocks, BLOCK_SIZE)) * q.block_scale[:, None]
     return values.reshape(-1)[:size].reshape(shape).astype(dtype)
 
 
 def full(shape: tuple[int, ...], fill_value: Any) -> QuantizedArray:
     """``quantize(jnp.full(shape, fill_value))`` for ``fill_value >= 0``, without the float array.
 
-    Every element is exactly ``fill_value`` (code 255, absmax ``fill_value``;
+    Every element is exactly ``fill_value`` (code 255, scale ``fill_value``;
     code 0 when it is 0); the padding is 0.
     """
     size = math.prod(shape)
@@ -259,8 +289,7 @@ def full(shape: tuple[int, ...], fill_value: Any) -> QuantizedArray:
     codes = jnp.concatenate(
         [jnp.full((size,), code, jnp.uint8), jnp.zeros((n_blocks * BLOCK_SIZE - size,), jnp.uint8)]
     )
-    absmax = jnp.full((n_blocks,), fill, jnp.float32)
-    return QuantizedArray(codes=codes, absmax=absmax)
+    return QuantizedArray(codes=codes, block_scale=jnp.full((n_blocks,), fill, jnp.float32))
 
 
 def check_dense_gradient(grad: Any, leaf_name: str) -> None:
