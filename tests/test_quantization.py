@@ -106,13 +106,14 @@ def test_worst_case_relative_error_against_the_previous_dynamic_map():
 def test_quantize_dequantize_round_trip(shape):
     x = jax.random.uniform(jax.random.key(0), shape) ** 4 * 3.0
     q = Q.quantize(x)
-    n_blocks = math.ceil(math.prod(shape) / Q.BLOCK_SIZE)
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (n_blocks * Q.BLOCK_SIZE,)
+    per_block = Q.block_size(math.prod(shape))
+    n_blocks = math.ceil(math.prod(shape) / per_block)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (n_blocks * per_block,)
     assert q.block_scale.dtype == jnp.float32 and q.block_scale.shape == (n_blocks,)
     back = Q.dequantize(q, shape)
     assert back.shape == shape and back.dtype == jnp.float32
     x, back = np.asarray(x).ravel(), np.asarray(back).ravel()
-    scale = np.repeat(np.asarray(q.block_scale), Q.BLOCK_SIZE)[: x.size]
+    scale = np.repeat(np.asarray(q.block_scale), per_block)[: x.size]
     # relative error <= 1/32 down to 2**-15 of the scale; smaller values keep the smallest code
     inside = x >= 2.0**-15 * scale
     assert np.all(np.abs(back - x)[inside] <= (1 / 32 + 1e-6) * x[inside])
@@ -120,7 +121,7 @@ def test_quantize_dequantize_round_trip(shape):
     # without a bound, the scale is each block's maximum, stored exactly
     np.testing.assert_array_equal(
         np.asarray(q.block_scale),
-        np.pad(x, (0, n_blocks * 256 - x.size)).reshape(-1, 256).max(1),
+        np.pad(x, (0, n_blocks * per_block - x.size)).reshape(-1, per_block).max(1),
     )
     assert np.all(back[x == scale] == x[x == scale])
 
@@ -148,6 +149,15 @@ def test_quantize_with_an_upper_bound_equals_the_exact_codes(looseness):
     np.testing.assert_allclose(bounded_v[inside], x[inside], rtol=1 / 32 + 1e-6)
     np.testing.assert_allclose(bounded_v[inside], exact_v[inside], rtol=1 / 16)
     assert np.all((bounded_v > 0) == (x > 0))  # zero stays zero, positive stays positive
+
+
+def test_block_size_divides_the_leaf_when_it_can():
+    assert Q.block_size(100_000) == 250  # 16M/160's leaves: a reshape, no padded copy
+    assert Q.block_size(4900) == 245 and Q.block_size(65536) == 256
+    assert Q.block_size(4099) == 256  # a prime: padded blocks of 256
+    q = Q.quantize(jnp.arange(100_000.0))
+    assert q.codes.shape == (100_000,) and q.block_scale.shape == (400,)
+    np.testing.assert_allclose(Q.dequantize(q, (100_000,)), np.arange(100_000.0), rtol=1 / 32)
 
 
 def test_zero_blocks_and_padding():
