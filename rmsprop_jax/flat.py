@@ -291,19 +291,22 @@ def contiguous(
       Array([-0.3333, -0.3333], dtype=float32)
     """
     start = _flat_forms.FlatContext(assume_elementwise=assume_elementwise)
-    _flat_forms.to_flat(tx, start)  # an undeclared piece is refused now, not at the first step
+    # Built now, so that an undeclared piece is refused at once; init uses it (the state does
+    # not depend on which leaves have a gradient), update rebuilds it per trace.
+    init_tx, init_context = _flat_forms.to_flat(tx, start)
 
     def init_fn(params):
-        flat_tx, context = _flat_forms.to_flat(tx, start)
         if isinstance(params, FlatParams):
-            return ContiguousState(flat_tx.init(params), params.layout)
+            return ContiguousState(init_tx.init(params), params.layout)
         first = None
-        if context.leading is not None:  # e.g. the decayed leaves: their mask is then one range
-            flags = static_flags(context.leading(params), make_layout(params), "the leaf order")
-            first = flags.__getitem__
+        if init_context.leading is not None:  # e.g. the decayed leaves: one mask range then
+            order = static_flags(
+                init_context.leading(params), make_layout(params), "the leaf order"
+            )
+            first = order.__getitem__
         layout = make_layout(params, first)
         leaves = [p for _, p in _trees.flatten_with_none(params)[0]]
-        return ContiguousState(flat_tx.init(FlatParams(concat(layout, leaves), layout)), layout)
+        return ContiguousState(init_tx.init(FlatParams(concat(layout, leaves), layout)), layout)
 
     def update_fn(updates, state, params=None, **extra_args):
         if not isinstance(state, ContiguousState):
@@ -336,13 +339,19 @@ def _flat_inputs(layout: Layout, updates, params) -> tuple[FlatParams, Any, tupl
     return updates, params, None
 
 
-def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
-    leaves, treedef = _trees.flatten_with_none(grads)
+def _leaves_like_layout(layout: Layout, tree, what: str) -> list:
+    """``(path, leaf)`` of ``tree`` (None leaves included), which must have the layout's structure."""
+    leaves, treedef = _trees.flatten_with_none(tree)
     if treedef != layout.treedef:
-        _checks.check_same_structure(grads, layout.treedef.unflatten([0] * len(layout.leaves)))
+        _checks.check_same_structure(tree, layout.treedef.unflatten([0] * len(layout.leaves)))
         raise ValueError(
-            f"rj.contiguous: grads have structure {treedef}, the state {layout.treedef}"
+            f"rj.contiguous: {what} have structure {treedef}, the state {layout.treedef}"
         )
+    return leaves
+
+
+def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
+    leaves = _leaves_like_layout(layout, grads, "grads")
     values: list[Any] = []
     present = []
     for (path, g), spec in zip(leaves, layout.leaves):
@@ -372,12 +381,7 @@ def _flatten_grads(layout: Layout, grads) -> tuple[FlatParams, tuple | None]:
 
 
 def _flatten_params(layout: Layout, params) -> FlatParams:
-    leaves, treedef = _trees.flatten_with_none(params)
-    if treedef != layout.treedef:
-        _checks.check_same_structure(params, layout.treedef.unflatten([0] * len(layout.leaves)))
-        raise ValueError(
-            f"rj.contiguous: params have structure {treedef}, the state {layout.treedef}"
-        )
+    leaves = _leaves_like_layout(layout, params, "params")
     values: list[Any] = []
     for (path, p), spec in zip(leaves, layout.leaves):
         if spec is not None:
