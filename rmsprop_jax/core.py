@@ -151,6 +151,40 @@ def _as_stored(x: jax.Array, slot: jax.Array) -> jax.Array:
     return x.astype(slot.dtype).astype(x.dtype)
 
 
+def _new_velocity(x: jax.Array, velocity: jax.Array, rho: Any) -> jax.Array:
+    """``rho * v + (1 - rho) * |x|^2`` before storage rounding (``1 - rho`` in Python double)."""
+    return rho * velocity.astype(_real_dtype(x.dtype)) + (1 - rho) * abs_sq(x)
+
+
+def _requantize_clipped(results: list, grads: Any, velocity: Any, treedef: Any, rho: Any) -> list:
+    """``results`` (per leaf: update and new slots) with the 8-bit velocities settled by
+    :func:`quantization.requantize_clipped_blocks`: one branch for all the 8-bit leaves."""
+    grad_leaves = treedef.flatten_up_to(grads)
+    old_leaves = treedef.flatten_up_to(velocity)
+    at = [
+        i
+        for i, (g, q) in enumerate(zip(grad_leaves, old_leaves))
+        if g is not None and isinstance(q, quantization.QuantizedArray)
+    ]
+    if not at:
+        return results
+
+    def new_velocity(g, v):
+        return _new_velocity(g.astype(_arithmetic_dtype(g.dtype)), v, rho)
+
+    settled = quantization.requantize_clipped_blocks(
+        [old_leaves[i] for i in at],
+        [grad_leaves[i] for i in at],
+        [results[i][1] for i in at],
+        new_velocity,
+        rho,
+    )
+    results = list(results)
+    for i, q in zip(at, settled):
+        results[i] = (results[i][0], q, *results[i][2:])
+    return results
+
+
 def rmsprop_leaf_update(
     g: jax.Array,
     velocity: jax.Array,
@@ -183,9 +217,7 @@ def rmsprop_leaf_update(
     if maximize:
         x = -x
     one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-    v = _as_stored(
-        rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x), velocity
-    )
+    v = _as_stored(_new_velocity(x, velocity, rho), velocity)
     variance = v
     a = None
     if centered:
@@ -383,9 +415,17 @@ def rmsprop_update(
 
     def init_fn(params):
         _checks.check_inexact_leaves(params, "params")
+        velocity = slots_like(params, initial_accumulator_value, real=True, quantize=quantized)
+        # 8-bit leaves count steps too: each step moves their grid (quantization.grid_shift).
+        counts = keeps_count or any(
+            isinstance(v, quantization.QuantizedArray)
+            for v in jax.tree.leaves(
+                velocity, is_leaf=lambda x: isinstance(x, quantization.QuantizedArray)
+            )
+        )
         return RMSpropState(
-            count=jnp.zeros([], jnp.int32) if keeps_count else None,
-            velocity=slots_like(params, initial_accumulator_value, real=True, quantize=quantized),
+            count=jnp.zeros([], jnp.int32) if counts else None,
+            velocity=velocity,
             average_gradient=slots_like(params, 0, real=False) if centered else None,
             momentum=slots_like(params, 0, real=False) if has_momentum else None,
         )
@@ -415,14 +455,15 @@ def rmsprop_update(
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
-                # Every new v of a block is at most rho * (its scale) + (1 - rho) * max |g|^2:
-                # a bound known before the loop, so the codes need no materialised float v.
-                bound = quantization.velocity_bound(v, g, rho)
+                # Encoded against a scale known before the loop (no materialised float v);
+                # blocks that may have clipped are redone below, for all leaves at once.
+                scale = quantization.speculative_scale(v)
                 v = quantization.dequantize(v, jnp.shape(g))
                 update, v, a, m = rmsprop_leaf_update(
                     g, v, a, m, lr, bias_denominator, **leaf_options
                 )
-                return update, quantization.quantize(v, upper_bound=bound), a, m
+                shift = quantization.grid_shift(state.count)
+                return update, quantization.quantize_to_power_of_two(v, scale, shift), a, m
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(
@@ -437,6 +478,8 @@ def rmsprop_update(
         results, treedef = _trees.map_leaves(
             leaf, updates, state.velocity, state.average_gradient, state.momentum
         )
+        if quantized:
+            results = _requantize_clipped(results, updates, state.velocity, treedef, rho)
         columns = (
             [treedef.unflatten(col) for col in zip(*results)]
             if results
@@ -444,7 +487,7 @@ def rmsprop_update(
         )
         new_updates, velocity, average_gradient, momentum_buffer = columns
         new_state = RMSpropState(
-            count=optax.safe_increment(state.count) if keeps_count else None,
+            count=None if state.count is None else optax.safe_increment(state.count),
             velocity=velocity,
             average_gradient=average_gradient if centered else None,
             momentum=momentum_buffer if has_momentum else None,

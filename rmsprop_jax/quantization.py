@@ -22,47 +22,65 @@ per element instead of 4 (at most 1.031 with smaller blocks).
 
 **One step** of a quantized leaf: decode ``v``, run the same float32
 arithmetic as every other path (:func:`rmsprop_jax.rmsprop_leaf_update`, so
-the step itself uses the new ``v`` before rounding), and encode the new ``v``
-(:func:`quantize` with ``upper_bound``). The new block maximum is not known
-before the loop that computes the new ``v``; instead the encode uses a bound
-known beforehand, :math:`\rho s + (1 - \rho) \max_\text{block} |g|^2` (from
-one reduction over ``g``), and the scale is then tightened by whole octaves
-to the block's largest code (a code shift, exact): three light passes over
-uint8 codes instead of a materialised float32 ``v``. The result equals
-encoding against the exact block maximum except that the range ends
-16 octaves below twice the bound, not below the maximum (in a step the bound
-exceeds the maximum by about one octave: the range loses about two). Zero stays exactly zero, so
-a zero gradient keeps a zero state (no NaN); a positive value below the
-range keeps the smallest code (its ``v`` is overstated, its step smaller).
+the step itself uses the new ``v`` before rounding), and encode the new ``v``.
+The new block maximum is not known before the loop that computes the new
+``v``; the encode instead uses a scale known beforehand, the power of two at
+or above :data:`HEADROOM` (4) times the block's largest stored ``v``
+(:func:`speculative_scale`, from a reduction over the uint8 codes). Against a
+power of two the encode is an exponent subtraction on the bits (exact), and
+the step is three loops that read no float32 ``v``: the parameter update, the
+encode, and the codes' block maxima. The scale thus stays within a factor 4
+to 8 (2 to 3 octaves) of the block's maximum: the 16-octave range ends 13 to
+14 octaves below it, and the relative rounding is the same as against the
+maximum itself.
+
+A block whose new ``v`` outgrew the scale (a value more than about 4x its
+block's old maximum: the first step from a zero state, a block's first
+non-zero gradient, a gradient spike) has a clipped top code 255. When any
+block of any leaf has one, one branch for the whole step encodes those blocks
+again against an exact bound, :math:`\rho V + (1 - \rho) \max_\text{block}
+|g|^2` with :math:`V` the block's largest old value (:func:`velocity_bounds`,
+within one octave of the new maximum), from the new ``v`` recomputed in the
+branch (a loop of zero or one iteration, which XLA runs in place). Counted
+on ``python -m rmsprop_jax parity``'s tasks: the branch ran in 7.5 % of the
+digits MLP's 840 steps (0.47 % of its blocks on average) and in 0.15 % of
+the character MLP's 2000 steps. Zero stays exactly zero, so a
+zero gradient keeps a zero state (no NaN); a positive value below the range
+keeps the smallest code (its ``v`` is overstated, its step smaller).
 
 **Outliers stay in their element.** A non-finite new ``v`` (a gradient
 element whose square overflows float32, such as 1e20, or an inf or NaN
-gradient) is stored with the top code, i.e. as its block's scale (float32's
-largest power of two, 2**127, when the block has no finite non-zero value);
-the block's other codes and its scale are what they would be without it (the
-bound counts only gradients whose square is finite). The step that met it used the exact
-float32 ``v`` (inf: that element does not move, as with float32 state).
+gradient) is stored with the top code, i.e. as its block's scale (2**126
+when the block has no finite non-zero value); its block is encoded again
+against the exact bound, which counts only gradients whose square is
+finite, so the block's other values keep their precision. The step that met
+it used the exact float32 ``v`` (inf: that element does not move, as with
+float32 state), and every other parameter moves exactly as without it.
 
-**Accuracy.** One rounding makes a relative error of at most 1/32 (3.1 %)
+**Accuracy.** One rounding to nearest makes a relative error of at most 1/32 (3.1 %)
 at the bottom of an octave, 1/64 at its top, the same at every magnitude
 down to :math:`2^{-15} s` (3e-5 of the scale); smaller positive values keep
 the smallest code. The previous format (bitsandbytes' dynamic map, through
 version 0.1) erred 0.35 % near the block maximum but 3.5 % at 1/10 of it,
 7 % at 1/100, 11 % at 1/1000 and 47 % above 1e-6
-(``tests/test_quantization.py`` compares the two). Over many steps the
-roundings add up like an AR(1) process (``v`` keeps ``rho`` of its rounded
-self), and round to nearest sticks where one update moves ``v`` by less
-than half a step (``rho`` close to 1). Measured after 200 steps of N(0, 1)
-gradients on a 256x64 leaf (``_track`` in ``tests/test_quantization.py``,
-which bounds these numbers): ``rho=0.9``: relative error of ``v``
-median 2.2 %, 99th percentile 8 %, max 13 %; the denominator
-:math:`\sqrt{v+\epsilon}` median 1.1 %, max 6 % (the dynamic map: ``v``
-median 0.7 %, max 11 %; denominator median 0.4 %, max 5 %). ``rho=0.99``:
-``v`` median 5.6 %, max 31 % (the dynamic map: 1.2 %, 8 %); a stochastic
-rounding would remove this drift and is not implemented.
-Training: ``python -m rmsprop_jax parity`` gives final losses within 0.41 %
-(digits MLP) and 0.06 % (character MLP) of float32 state, where the dynamic
-map gave 0.51 % and 0.04 %.
+(``tests/test_quantization.py`` compares the two). Round to nearest on
+the fixed grid of a power-of-two scale would ratchet when ``rho`` is close
+to 1 (a step then lowers ``v`` by less than half a code step, so ``v`` could
+rise but never fall: ``rho=0.99`` measured 25 % high after 200 steps); each
+step therefore moves the grid up by a random fraction of a step
+(:func:`grid_shift`, one draw per step), which keeps round to nearest and
+makes it unbiased over the steps. Over many steps the roundings add up like
+an AR(1) process (``v`` keeps ``rho`` of its rounded self). Measured after
+200 steps of N(0, 1) gradients on a 256x64 leaf (``_track`` in
+``tests/test_quantization.py``, which bounds these numbers): ``rho=0.9``:
+relative error of ``v`` median 2.1 %, 99th percentile 8 %, max 15 %; the
+denominator :math:`\sqrt{v+\epsilon}` median 1.1 %, max 7 %.
+``rho=0.99``: ``v`` median 4.6 %, 99th percentile 18 %, max 29 %; the
+denominator median 2.3 %. (The dynamic map: ``rho=0.9`` ``v`` median
+0.7 %, max 11 %; ``rho=0.99`` 1.2 %, 8 %.) Training: ``python -m
+rmsprop_jax parity`` gives final losses within 0.27 % (digits MLP) and
+0.10 % (character MLP) of float32 state, where the dynamic map gave
+0.51 % and 0.04 %.
 
 **What stays float32** (as bitsandbytes): leaves with fewer than
 :data:`MIN_QUANTIZED_SIZE` = 4096 elements (biases, norms: little memory,
@@ -88,7 +106,7 @@ instead of their dynamic map).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -97,6 +115,7 @@ import numpy as np
 
 __all__ = [
     "BLOCK_SIZE",
+    "HEADROOM",
     "MIN_BLOCK_SIZE",
     "MIN_QUANTIZED_SIZE",
     "STEPS_PER_OCTAVE",
@@ -107,13 +126,18 @@ __all__ = [
     "dequantize",
     "encode",
     "full",
+    "grid_shift",
     "is_quantized_size",
     "quantize",
+    "quantize_to_power_of_two",
+    "requantize_clipped_blocks",
     "restore",
+    "speculative_scale",
     "state_bytes_per_param",
+    "stored_max",
     "structure_view",
     "tree_nbytes",
-    "velocity_bound",
+    "velocity_bounds",
 ]
 
 #: Elements per block (at most; see :func:`block_size`); each block has its own float32 scale.
@@ -122,10 +146,14 @@ BLOCK_SIZE = 256
 MIN_QUANTIZED_SIZE = 4096
 #: Codes per octave (4 mantissa bits): code ``c`` is ``255 - c`` such steps below the scale.
 STEPS_PER_OCTAVE = 16
+#: A step encodes the new ``v`` against this many times the block's largest stored ``v``.
+HEADROOM = 4.0
 
 _SHIFT = 23 - 4  # float32 mantissa bits below the 4 a code keeps
 _ONE_BITS = 0x3F800000  # bits of 1.0
+_MANTISSA_MASK = 0x7FFFFF
 _LARGEST_POWER_OF_TWO = np.float32(2.0**127)
+_LARGEST_BOUND = np.float32(2.0**126)  # its reciprocal is the smallest normal float32
 
 
 class QuantizedArray(NamedTuple):
@@ -217,30 +245,156 @@ def _largest_squarable(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.maximum(keep(a), keep(b))
 
 
-def velocity_bound(q: QuantizedArray, g: jax.Array, rho: Any) -> jax.Array:
-    """float32 [n_blocks]: at or above every finite ``rho * v + (1 - rho) * |g|^2`` of a block.
+def stored_max(q: QuantizedArray) -> jax.Array:
+    """float32 [n_blocks]: each block's largest stored value (a reduction over the uint8 codes)."""
+    n_blocks = q.block_scale.shape[0]
+    return q.block_scale * decode(jnp.max(q.codes.reshape(n_blocks, -1), axis=1))
 
-    ``rho * block_scale + (1 - rho) * G^2``, ``G`` the block's largest ``|g|``
-    whose square is finite, from reductions of ``g`` alone (XLA reads ``g``
-    and writes nothing of its size), so an outlier (inf, NaN, or ``|g|``
-    whose square overflows) never inflates its block's bound. Always finite
-    (at most ``0.9 * 2**127 + 0.1 * FLT_MAX``).
+
+def speculative_scale(q: QuantizedArray) -> jax.Array:
+    """float32 [n_blocks]: the power of two at or above :data:`HEADROOM` times each block's
+    largest stored value (0 for 0; at most 2**125).
+
+    A step's new ``v`` is encoded against it (:func:`quantize_to_power_of_two`)
+    before the new block maximum is known.
     """
-    g = jnp.asarray(g)
-    blocks = _as_blocks(jnp.abs(g) if jnp.iscomplexobj(g) else g).astype(jnp.float32)
-    # Two plain reductions (vectorised); the rule's own reduction only runs when some |g| of
-    # the leaf does not square to a finite value (a reduction with a custom reducer is not
-    # vectorised on XLA:CPU: 3x the whole step).
-    largest = jnp.maximum(jnp.max(blocks, axis=1), -jnp.min(blocks, axis=1))
+    bits = jax.lax.bitcast_convert_type(HEADROOM * stored_max(q), jnp.int32)
+    up = (bits + _MANTISSA_MASK) & ~_MANTISSA_MASK  # round up to a power of two
+    return jnp.minimum(jax.lax.bitcast_convert_type(up, jnp.float32), _LARGEST_BOUND / 2)
+
+
+def quantize_to_power_of_two(
+    x: jax.Array, scale: jax.Array, shift: jax.Array | None = None
+) -> QuantizedArray:
+    """Codes of a non-negative ``x`` against ``scale`` [n_blocks], each 0 or a power of two.
+
+    ``encode(x / scale)`` computed on the bits (the division is an exponent
+    subtraction: exact, no reciprocal): the same codes as :func:`quantize`
+    with ``upper_bound=scale``. Values above the scale (and non-finite ones)
+    get 255, so a block whose largest code is 255 may have clipped one.
+    With ``shift`` (a float32 scalar in (2**-1/16, 1]: :func:`grid_shift`),
+    ``x * shift`` is encoded and the block scale is ``scale / shift``: the
+    same codes on a grid of values moved up by a fraction of a step.
+    """
+    blocks = _as_blocks(x).astype(jnp.float32)
+    if shift is not None:
+        blocks = blocks * shift
+        scale_out = scale / shift
+    else:
+        scale_out = scale
+    bits = jax.lax.bitcast_convert_type(blocks, jnp.int32)
+    scale_bits = jax.lax.bitcast_convert_type(scale, jnp.int32)[:, None]
+    steps = (scale_bits - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # as encode(x / scale)
+    code = jnp.clip(255 - steps, 1, 255)
+    codes = jnp.where(blocks > 0, code, jnp.where(jnp.isnan(blocks), 255, 0)).astype(jnp.uint8)
+    codes = jnp.where(jnp.isfinite(blocks), codes, jnp.uint8(255))
+    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale_out)
+
+
+def grid_shift(count: jax.Array) -> jax.Array:
+    """float32 scalar ``2**(-u/16)``, ``u`` in [0, 1) a hash of the step ``count``.
+
+    Each step's codes lie on the 4-bit-mantissa grid moved up by ``u`` of a
+    step (:func:`quantize_to_power_of_two`), so that round to nearest is
+    unbiased over the steps. On the fixed grid of a power-of-two scale it
+    would ratchet when ``rho`` is close to 1: a step then lowers ``v`` by less
+    than half a code step, so ``v`` could rise but never fall (``rho=0.99``:
+    25 % high after 200 steps). One draw per step (not per leaf, so that the
+    result does not depend on how a wrapper such as ``nnx.State`` names the
+    leaves); each element's error is its own distance to the moved grid.
+    """
+    h = jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):  # murmur3 fmix32
+        h = h ^ (h >> shift)
+        if multiplier is not None:
+            h = h * jnp.uint32(multiplier)
+    u = (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+    return jnp.exp2(-u / STEPS_PER_OCTAVE)
+
+
+def velocity_bounds(pairs: Sequence[tuple[QuantizedArray, jax.Array]], rho: Any) -> list:
+    """float32 [n_blocks] per ``(state, gradient)`` pair: at or above every finite new ``v``.
+
+    ``rho * V + (1 - rho) * G^2``: ``V`` the block's :func:`stored_max`,
+    ``G`` its largest ``|g|`` whose square is finite. At most twice the
+    block's new maximum (one octave), since that maximum is at least each of
+    the two terms. An outlier (inf, NaN, or ``|g|`` whose square overflows)
+    never inflates its block's bound; a block whose bound would be 0 but that
+    holds one gets 2**126 (the scale that stores the outlier's non-finite
+    ``v``; its other values are 0). Always finite.
+
+    Two plain (vectorised) reductions of ``g`` per leaf; only when some
+    ``|g|`` of some leaf does not square to a finite value does one branch,
+    for all the leaves, skip the outliers with a custom reducer (scalar code
+    on XLA:CPU).
+    """
+    if not pairs:
+        return []
+    blocks = [
+        _as_blocks(jnp.abs(g) if jnp.iscomplexobj(g) else g).astype(jnp.float32) for _, g in pairs
+    ]
+    plain = [jnp.maximum(jnp.max(b, axis=1), -jnp.min(b, axis=1)) for b in blocks]  # NaN if any is
     largest = jax.lax.cond(
-        jnp.max(largest) < _SQUARABLE,  # False for NaN too; one small reduction
-        lambda b, plain: plain,
-        lambda b, plain: jax.lax.reduce(b, np.float32(0), _largest_squarable, (1,)),
+        jnp.all(jnp.concatenate(plain) < _SQUARABLE),  # False for NaN too
+        lambda blocks, plain: plain,
+        lambda blocks, plain: [
+            jax.lax.reduce(b, np.float32(0), _largest_squarable, (1,)) for b in blocks
+        ],
         blocks,
-        largest,
+        plain,
     )
     rho = jnp.asarray(rho, jnp.float32)
-    return rho * q.block_scale + (1 - rho) * largest * largest
+    bounds = []
+    for (q, _), top_g, with_outliers in zip(pairs, largest, plain):
+        bound = rho * stored_max(q) + (1 - rho) * top_g * top_g
+        has_outlier = ~(with_outliers < _SQUARABLE)
+        bounds.append(jnp.where((bound == 0) & has_outlier, _LARGEST_BOUND, bound))
+    return bounds
+
+
+def requantize_clipped_blocks(
+    old: Sequence[QuantizedArray],
+    grads: Sequence[jax.Array],
+    speculative: Sequence[QuantizedArray],
+    new_velocity: Callable[[jax.Array, jax.Array], jax.Array],
+    rho: Any,
+) -> list:
+    """The step's new states: ``speculative``, except blocks whose top code is 255.
+
+    ``speculative[i]`` encodes the new ``v`` of leaf ``i`` against
+    :func:`speculative_scale` of ``old[i]``; a block whose largest code is
+    255 may have clipped a value above that scale (or holds a non-finite
+    one). Only when some block of some leaf does (one branch for all the
+    leaves) are those blocks encoded again, against :func:`velocity_bounds`,
+    from ``new_velocity(g, dequantized old v)`` recomputed in the branch (so
+    that the common path never materialises a float32 ``v``).
+    """
+    tops = [jnp.max(q.codes.reshape(q.block_scale.shape[0], -1), axis=1) for q in speculative]
+    # One reduction for all the leaves (the barrier keeps XLA from splitting it per leaf).
+    any_clipped = jnp.max(jax.lax.optimization_barrier(jnp.concatenate(tops))) == 255
+
+    def requantize(old, grads, speculative, tops):
+        result = []
+        for q, g, fast, top, bound in zip(
+            old, grads, speculative, tops, velocity_bounds(list(zip(old, grads)), rho)
+        ):
+            redo = top == 255
+            exact = quantize(new_velocity(g, dequantize(q, jnp.shape(g))), upper_bound=bound)
+            n_blocks = q.block_scale.shape[0]
+            codes = jnp.where(
+                redo[:, None], exact.codes.reshape(n_blocks, -1), fast.codes.reshape(n_blocks, -1)
+            )
+            scale = jnp.where(redo, exact.block_scale, fast.block_scale)
+            result.append(QuantizedArray(codes=codes.reshape(-1), block_scale=scale))
+        return result
+
+    # A loop of zero or one iteration, not a cond: XLA updates a loop's carried buffers in
+    # place, where a cond's pass-through branch would copy every leaf's codes.
+    def body(carry):
+        _, fast = carry
+        return jnp.array(False), requantize(list(old), list(grads), fast, tops)
+
+    return jax.lax.while_loop(lambda carry: carry[0], body, (any_clipped, list(speculative)))[1]
 
 
 def quantize(x: jax.Array, upper_bound: jax.Array | None = None) -> QuantizedArray:
@@ -248,17 +402,20 @@ def quantize(x: jax.Array, upper_bound: jax.Array | None = None) -> QuantizedArr
 
     Args:
       x: the values; non-finite ones get the top code (their block's scale).
-      upper_bound: optional float32 [n_blocks], finite and at or above every
-        finite value of its block (:func:`velocity_bound`). Then the codes are
-        computed without the block maximum (see the module docstring);
-        without it, the scale is the block's largest finite value.
+      upper_bound: optional float32 [n_blocks], at or above every finite value
+        of its block (:func:`velocity_bound`; capped at 2**127). It is then
+        the scale: one elementwise pass, no block maximum. Without it, the
+        scale is the block's largest finite value.
     """
     blocks = _as_blocks(x).astype(jnp.float32)
     if upper_bound is None:
         return _quantize_exact(blocks)
-    # Capped so that the doubled bound stays finite (values above 2**127 get the top code).
-    bound = jnp.minimum(jnp.asarray(upper_bound, jnp.float32), _LARGEST_POWER_OF_TWO / 2)
-    return _quantize_bounded(blocks, bound)
+    # At most 2**126, whose reciprocal is float32-normal: one multiply per element, and the
+    # loop reads two per-block arrays (XLA would recompute per element what it may fuse).
+    scale = jnp.minimum(jnp.asarray(upper_bound, jnp.float32), _LARGEST_BOUND)
+    inverse = 1 / jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.where(jnp.isfinite(blocks), encode(blocks * inverse[:, None]), jnp.uint8(255))
+    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
 
 
 def _quantize_exact(blocks: jax.Array) -> QuantizedArray:
@@ -268,29 +425,6 @@ def _quantize_exact(blocks: jax.Array) -> QuantizedArray:
     scale = jnp.where((largest == 0) & ~jnp.all(finite, axis=1), _LARGEST_POWER_OF_TWO, largest)
     safe = jnp.where(scale > 0, scale, 1.0)  # an all-zero block: 0 / 1, not 0 / 0
     codes = jnp.where(finite, encode(_relative(blocks, safe)), jnp.uint8(255))
-    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
-
-
-def _quantize_bounded(blocks: jax.Array, bound: jax.Array) -> QuantizedArray:
-    """Encode against ``2 * bound`` (codes <= 239), then tighten by whole octaves.
-
-    The provisional code is stored plus one, with 0 marking a non-finite
-    value, so that the plain maximum over it is the largest finite code.
-    """
-    finite = jnp.isfinite(blocks)
-    extended = 2 * bound
-    safe = jnp.where(extended > 0, extended, 1.0)
-    marked = jnp.where(finite, encode(_relative(blocks, safe)) + 1, 0).astype(jnp.uint8)
-    top = jnp.max(marked, axis=1).astype(jnp.int32) - 1  # largest finite code; -1: none finite
-    octaves = jnp.maximum(255 - top, 0) // STEPS_PER_OCTAVE
-    any_non_finite = jnp.min(marked, axis=1) == 0
-    scale = jnp.where(
-        top > 0,
-        extended * jnp.exp2(-octaves.astype(jnp.float32)),
-        jnp.where(any_non_finite, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
-    )
-    shift = (octaves * STEPS_PER_OCTAVE).astype(jnp.uint8)[:, None]
-    codes = jnp.where(marked == 0, jnp.uint8(255), jnp.where(marked == 1, 0, marked - 1 + shift))
     return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
 
 

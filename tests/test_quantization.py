@@ -127,28 +127,109 @@ def test_quantize_dequantize_round_trip(shape):
 
 
 @pytest.mark.parametrize("looseness", [1.0, 1.3, 3.0, 1000.0])
-def test_quantize_with_an_upper_bound_equals_the_exact_codes(looseness):
-    """The step's path: encode against a bound, then tighten by whole octaves."""
+def test_quantize_with_an_upper_bound_uses_it_as_the_scale(looseness):
+    """The exact-bound path (the step's repair of clipped blocks): one elementwise pass."""
     x = (jax.random.uniform(jax.random.key(1), (4096,)) ** 3 * 5.0).at[:256].set(0.0)
     blocks = np.asarray(x).reshape(-1, 256)
     bound = jnp.asarray(blocks.max(1) * looseness, jnp.float32)
-    exact, bounded = Q.quantize(x), Q.quantize(x, upper_bound=bound)
-    exact_v = np.asarray(Q.dequantize(exact, x.shape))
-    bounded_v = np.asarray(Q.dequantize(bounded, x.shape))
-    scale = np.asarray(bounded.block_scale)
-    assert scale[0] == 0 and np.all(np.asarray(bounded.codes[:256]) == 0)  # all-zero block
-    # the scale is the block maximum's code value (one rounding) to one octave above it
-    top = blocks.max(1)[1:]
-    assert np.all(top * (1 - 1 / 32) <= scale[1:]) and np.all(scale[1:] < 2 * top)
-    # the same values wherever they are inside the range below the doubled bound (16 octaves);
-    # smaller positive values keep the smallest code of that range
-    x = np.asarray(x)
-    floor = np.repeat(2 * np.asarray(bound), 256) * 2.0**-15
+    bounded = Q.quantize(x, upper_bound=bound)
+    np.testing.assert_array_equal(np.asarray(bounded.block_scale), np.asarray(bound))
+    assert np.all(np.asarray(bounded.codes[:256]) == 0)  # the all-zero block stays zero
+    # within one rounding in the 16 octaves below the bound; smaller positive values keep
+    # the smallest code; zero stays zero
+    x, back = np.asarray(x), np.asarray(Q.dequantize(bounded, x.shape))
+    floor = np.repeat(np.asarray(bound), 256) * 2.0**-15
     inside = x >= floor
-    assert np.all(bounded_v[~inside] <= floor[~inside])
-    np.testing.assert_allclose(bounded_v[inside], x[inside], rtol=1 / 32 + 1e-6)
-    np.testing.assert_allclose(bounded_v[inside], exact_v[inside], rtol=1 / 16)
-    assert np.all((bounded_v > 0) == (x > 0))  # zero stays zero, positive stays positive
+    np.testing.assert_allclose(back[inside], x[inside], rtol=1 / 32 + 1e-6)
+    assert np.all(back[~inside] <= floor[~inside])
+    assert np.all((back > 0) == (x > 0))
+
+
+def test_quantize_to_power_of_two_equals_quantize_with_that_bound():
+    """The step's encode on the bits is the multiply-by-reciprocal encode, code for code
+    (with a grid shift too: the codes of x * shift, the scale over shift)."""
+    key = jax.random.key(3)
+    x = jnp.exp(jax.random.uniform(key, (64, 256), minval=-30.0, maxval=3.0)).reshape(-1)
+    x = x.at[5].set(0.0).at[300].set(jnp.inf).at[301].set(jnp.nan).at[600].set(1e30)
+    scale = 2.0 ** jnp.arange(-6.0, 58.0, dtype=jnp.float32)  # some below their block's values
+    scale = scale.at[7].set(0.0)  # a zero scale: positive values clip to 255
+    bits = Q.quantize_to_power_of_two(x, scale)
+    reciprocal = Q.quantize(x, upper_bound=jnp.where(scale > 0, scale, 1.0))
+    expected = np.asarray(reciprocal.codes).copy()
+    block7 = np.asarray(x)[7 * 256 : 8 * 256]
+    expected[7 * 256 : 8 * 256] = np.where(block7 > 0, 255, 0)
+    np.testing.assert_array_equal(np.asarray(bits.codes), expected)
+    np.testing.assert_array_equal(np.asarray(bits.block_scale), np.asarray(scale))
+    shift = jnp.float32(2 ** (-0.3 / 16))
+    moved = Q.quantize_to_power_of_two(x, scale, shift)
+    np.testing.assert_array_equal(
+        np.asarray(moved.codes), np.asarray(Q.quantize_to_power_of_two(x * shift, scale).codes)
+    )
+    np.testing.assert_array_equal(np.asarray(moved.block_scale), np.asarray(scale / shift))
+
+
+def test_speculative_scale_is_the_power_of_two_above_the_headroom():
+    q = Q.quantize(jnp.concatenate([jnp.zeros(256), jnp.full(256, 3.0), jnp.full(256, 0.25)]))
+    np.testing.assert_array_equal(
+        np.asarray(Q.speculative_scale(q)),
+        [0.0, 16.0, 1.0],  # 4 * 3 -> 16, 4 * 0.25 -> 1
+    )
+
+
+def _one_step(g, state, params, rho=0.9):
+    tx = rj.rmsprop_update(0.01, rho=rho, accumulator_dtype="int8")
+    return jax.jit(tx.update)(g, state, params)
+
+
+def test_a_clipped_block_is_requantized_against_the_exact_bound():
+    """A 30x gradient in one block: that block's v outgrows 4x its old maximum, so its codes
+    are redone against velocity_bounds; the other blocks keep the speculative encoding."""
+    shape = (64, 256)
+    params = {"w": jnp.zeros(shape)}
+    tx = rj.rmsprop_update(0.01, accumulator_dtype="int8")
+    state = tx.init(params)
+    g0 = jax.random.normal(jax.random.key(0), shape)
+    _, state = _one_step({"w": g0}, state, params)
+    old = state.velocity["w"]
+    g1 = g0.at[5].multiply(30.0)  # block 5 (row 5) grows ~90x
+    _, new_state = _one_step({"w": g1}, state, params)
+    new = new_state.velocity["w"]
+    v_new = 0.9 * Q.dequantize(old, shape) + 0.1 * g1 * g1
+    bound = Q.velocity_bounds([(old, g1)], 0.9)[0]
+    speculative = Q.speculative_scale(old) / Q.grid_shift(state.count)
+    scale = np.asarray(new.block_scale)
+    np.testing.assert_allclose(scale[5], bound[5], rtol=1e-6)  # jit vs eager: an ulp
+    assert np.float32(v_new[5].max()) > speculative[5]
+    np.testing.assert_array_equal(np.delete(scale, 5), np.delete(np.asarray(speculative), 5))
+    back, v_new = np.asarray(Q.dequantize(new, shape)), np.asarray(v_new)
+    inside = v_new >= 2.0**-15 * scale[:, None]  # block 5's range starts at 1175 * 2**-15
+    np.testing.assert_allclose(back[inside], v_new[inside], rtol=1 / 32 + 1e-6)
+    assert np.all(back[~inside] <= 2.0**-15 * np.broadcast_to(scale[:, None], shape)[~inside])
+
+
+def test_no_block_clips_in_a_steady_run():
+    """Gaussian gradients after the first step: the speculative encoding is kept, so every
+    non-zero scale is a power of two over the step's grid shift (the repair branch would
+    set a block's scale to its exact bound)."""
+    shape = (64, 256)
+    params = {"w": jnp.zeros(shape)}
+    state = rj.rmsprop_update(0.01, accumulator_dtype="int8").init(params)
+    for i in range(6):
+        shift = Q.grid_shift(state.count)
+        g = {"w": jax.random.normal(jax.random.key(i), shape)}
+        _, state = _one_step(g, state, params)
+        unshifted = np.asarray(state.velocity["w"].block_scale * shift)
+        if i > 0:  # the first step from the initial state is repaired
+            np.testing.assert_array_equal(unshifted, 2.0 ** np.round(np.log2(unshifted)))
+
+
+def test_grid_shift_moves_the_grid_by_less_than_a_step():
+    shifts = np.asarray(jax.vmap(Q.grid_shift)(jnp.arange(4096)))
+    assert np.all((shifts > 2 ** (-1 / 16)) & (shifts <= 1))
+    # spread over the whole step: each sixteenth of it is hit about equally often
+    fraction = -np.log2(shifts) * 16
+    counts = np.histogram(fraction, bins=16, range=(0, 1))[0]
+    assert counts.min() > 4096 / 16 * 0.8
 
 
 def test_block_size_divides_the_leaf_when_it_can():
@@ -214,8 +295,9 @@ def test_state_layout_and_bytes_per_param():
     # bytes from the state's own arrays: 1 + 4/256 per element of a large tensor
     big = rj.rmsprop_update(accumulator_dtype="int8").init({"w": jnp.ones((4096, 1024))})
     nbytes = sum(x.nbytes for x in jax.tree.leaves(big))
-    assert nbytes / (4096 * 1024) == 1 + 4 / 256 <= 1.05
-    assert Q.state_bytes_per_param(big, {"w": jnp.ones((4096, 1024))}) == 1.015625
+    assert big.count.nbytes == 4  # the step count (the grid shift), an int32 scalar
+    assert (nbytes - 4) / (4096 * 1024) == 1 + 4 / 256 <= 1.05
+    assert Q.state_bytes_per_param(big, {"w": jnp.ones((4096, 1024))}) == 1.015625 + 4 / 2**22
     # shapes only (eval_shape) give the same count
     shapes = jax.eval_shape(
         rj.rmsprop(accumulator_dtype="int8").init, {"w": jnp.ones((4096, 1024))}
@@ -271,6 +353,15 @@ def test_int8_state_tracks_float32_state():
     assert np.median(denominator) < 0.015 and denominator.max() < 0.1
     # the parameters (200 steps of lr 0.01) stay close
     assert np.max(np.abs(p8["w"] - p32["w"])) < 0.02 * np.max(np.abs(p32["w"]))
+
+
+def test_int8_state_does_not_ratchet_with_rho_near_one():
+    """rho=0.99 (torch's default alpha) lowers v by at most 1 % a step, less than half a code
+    step: round to nearest on the fixed grid of a power-of-two scale lets v rise but never
+    fall (measured 25 % high after 200 steps); on the moved grid it stays unbiased."""
+    v8, v32, *_ = _track(0.99, 1.0)
+    rel = (v8 - v32) / v32
+    assert np.median(np.abs(rel)) < 0.06 and abs(np.mean(rel)) < 0.04 and rel.max() < 0.4
 
 
 def test_int8_state_tracks_float32_state_over_four_decades():
@@ -356,8 +447,10 @@ def test_complex_and_half_precision_leaves():
         assert p8[name].dtype == params[name].dtype
         assert isinstance(_rmsprop_state(s8).velocity[name], Q.QuantizedArray)
         assert _rmsprop_state(s8).velocity[name].block_scale.dtype == jnp.float32
-        # complex64: close; bfloat16 / float16 params: a rounding of the parameter may flip
-        tol = 2e-3 if name == "c" else 4 * float(jnp.finfo(params[name].dtype).eps)
+        # complex64: 10 steps of lr 0.01, each off by at most ~1.6 % (half a rounding of v,
+        # 1/32, in the square root) plus the AR(1) carry-over; bfloat16 / float16 params: a
+        # rounding of the parameter may flip
+        tol = 3e-3 if name == "c" else 4 * float(jnp.finfo(params[name].dtype).eps)
         np.testing.assert_allclose(
             np.asarray(p8[name], np.complex64), np.asarray(p32[name], np.complex64), atol=tol
         )
