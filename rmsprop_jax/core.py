@@ -156,35 +156,6 @@ def _new_velocity(x: jax.Array, velocity: jax.Array, rho: Any) -> jax.Array:
     return rho * velocity.astype(_real_dtype(x.dtype)) + (1 - rho) * abs_sq(x)
 
 
-def _requantize_clipped(results: list, grads: Any, velocity: Any, treedef: Any, rho: Any) -> list:
-    """``results`` (per leaf: update and new slots) with the 8-bit velocities settled by
-    :func:`quantization.requantize_clipped_blocks`: one branch for all the 8-bit leaves."""
-    grad_leaves = treedef.flatten_up_to(grads)
-    old_leaves = treedef.flatten_up_to(velocity)
-    at = [
-        i
-        for i, (g, q) in enumerate(zip(grad_leaves, old_leaves))
-        if g is not None and isinstance(q, quantization.QuantizedArray)
-    ]
-    if not at:
-        return results
-
-    def new_velocity(g, v):
-        return _new_velocity(g.astype(_arithmetic_dtype(g.dtype)), v, rho)
-
-    settled = quantization.requantize_clipped_blocks(
-        [old_leaves[i] for i in at],
-        [grad_leaves[i] for i in at],
-        [results[i][1] for i in at],
-        new_velocity,
-        rho,
-    )
-    results = list(results)
-    for i, q in zip(at, settled):
-        results[i] = (results[i][0], q, *results[i][2:])
-    return results
-
-
 def rmsprop_leaf_update(
     g: jax.Array,
     velocity: jax.Array,
@@ -455,15 +426,12 @@ def rmsprop_update(
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
-                # Encoded against a scale known before the loop (no materialised float v);
-                # blocks that may have clipped are redone below, for all leaves at once.
-                scale = quantization.speculative_scale(v)
                 v = quantization.dequantize(v, jnp.shape(g))
                 update, v, a, m = rmsprop_leaf_update(
                     g, v, a, m, lr, bias_denominator, **leaf_options
                 )
                 shift = quantization.grid_shift(state.count)
-                return update, quantization.quantize_to_power_of_two(v, scale, shift), a, m
+                return update, quantization.quantize_step(v, shift), a, m
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(
@@ -478,8 +446,6 @@ def rmsprop_update(
         results, treedef = _trees.map_leaves(
             leaf, updates, state.velocity, state.average_gradient, state.momentum
         )
-        if quantized:
-            results = _requantize_clipped(results, updates, state.velocity, treedef, rho)
         columns = (
             [treedef.unflatten(col) for col in zip(*results)]
             if results

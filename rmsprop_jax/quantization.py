@@ -22,40 +22,27 @@ per element instead of 4 (at most 1.031 with smaller blocks).
 
 **One step** of a quantized leaf: decode ``v``, run the same float32
 arithmetic as every other path (:func:`rmsprop_jax.rmsprop_leaf_update`, so
-the step itself uses the new ``v`` before rounding), and encode the new ``v``.
-The new block maximum is not known before the loop that computes the new
-``v``; the encode instead uses a scale known beforehand, the power of two at
-or above :data:`HEADROOM` (4) times the block's largest stored ``v``
-(:func:`speculative_scale`, from a reduction over the uint8 codes). Against a
-power of two the encode is an exponent subtraction on the bits (exact), and
-the step is three loops that read no float32 ``v``: the parameter update, the
-encode, and the codes' block maxima. The scale thus stays within a factor 4
-to 8 (2 to 3 octaves) of the block's maximum: the 16-octave range ends 13 to
-14 octaves below it, and the relative rounding is the same as against the
-maximum itself.
-
-A block whose new ``v`` outgrew the scale (a value more than about 4x its
-block's old maximum: the first step from a zero state, a block's first
-non-zero gradient, a gradient spike) has a clipped top code 255. When any
-block of any leaf has one, one branch for the whole step encodes those blocks
-again against an exact bound, :math:`\rho V + (1 - \rho) \max_\text{block}
-|g|^2` with :math:`V` the block's largest old value (:func:`velocity_bounds`,
-within one octave of the new maximum), from the new ``v`` recomputed in the
-branch (a loop of zero or one iteration, which XLA runs in place). Counted
-on ``python -m rmsprop_jax parity``'s tasks: the branch ran in 7.5 % of the
-digits MLP's 840 steps (0.47 % of its blocks on average) and in 0.15 % of
-the character MLP's 2000 steps. Zero stays exactly zero, so a
-zero gradient keeps a zero state (no NaN); a positive value below the range
-keeps the smallest code (its ``v`` is overstated, its step smaller).
+the step itself uses the new ``v`` before rounding), and encode the new ``v``
+(:func:`quantize_step`): its scale is the power of two just above the
+block's largest new value, found without a float32 ``v`` in memory (a uint8
+pass writes each new value's exponent byte, a plain uint8 reduction takes
+each block's largest), so the encode is an exponent subtraction on the bits
+(exact, one rounding) and the step has no branch: four loops over the leaf
+(the parameter update, the exponent bytes, their block maxima, the codes).
+The range thus ends 15 to 16 octaves below the block's maximum. Each step
+moves the grid up by a random fraction of a code step (:func:`grid_shift`),
+which keeps round to nearest unbiased over the steps. Zero stays exactly
+zero, so a zero gradient keeps a zero state (no NaN); a positive value below
+the range keeps the smallest code (its ``v`` is overstated, its step
+smaller).
 
 **Outliers stay in their element.** A non-finite new ``v`` (a gradient
 element whose square overflows float32, such as 1e20, or an inf or NaN
-gradient) is stored with the top code, i.e. as its block's scale (2**126
-when the block has no finite non-zero value); its block is encoded again
-against the exact bound, which counts only gradients whose square is
-finite, so the block's other values keep their precision. The step that met
-it used the exact float32 ``v`` (inf: that element does not move, as with
-float32 state), and every other parameter moves exactly as without it.
+gradient) is stored with the top code, i.e. as its block's scale (2**127
+when the block has no finite non-zero value); the block's scale counts only
+its finite values, so the block's other codes and its scale are what they
+would be without it. The step that met it used the exact float32 ``v`` (inf:
+that element does not move, as with float32 state).
 
 **Accuracy.** One rounding to nearest makes a relative error of at most 1/32 (3.1 %)
 at the bottom of an octave, 1/64 at its top, the same at every magnitude
@@ -78,8 +65,8 @@ denominator :math:`\sqrt{v+\epsilon}` median 1.1 %, max 7 %.
 ``rho=0.99``: ``v`` median 4.6 %, 99th percentile 18 %, max 29 %; the
 denominator median 2.3 %. (The dynamic map: ``rho=0.9`` ``v`` median
 0.7 %, max 11 %; ``rho=0.99`` 1.2 %, 8 %.) Training: ``python -m
-rmsprop_jax parity`` gives final losses within 0.27 % (digits MLP) and
-0.10 % (character MLP) of float32 state, where the dynamic map gave
+rmsprop_jax parity`` gives final losses within 0.37 % (digits MLP) and
+0.03 % (character MLP) of float32 state, where the dynamic map gave
 0.51 % and 0.04 %.
 
 **What stays float32** (as bitsandbytes): leaves with fewer than
@@ -106,7 +93,7 @@ instead of their dynamic map).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -115,7 +102,6 @@ import numpy as np
 
 __all__ = [
     "BLOCK_SIZE",
-    "HEADROOM",
     "MIN_BLOCK_SIZE",
     "MIN_QUANTIZED_SIZE",
     "STEPS_PER_OCTAVE",
@@ -129,15 +115,11 @@ __all__ = [
     "grid_shift",
     "is_quantized_size",
     "quantize",
-    "quantize_to_power_of_two",
-    "requantize_clipped_blocks",
+    "quantize_step",
     "restore",
-    "speculative_scale",
     "state_bytes_per_param",
-    "stored_max",
     "structure_view",
     "tree_nbytes",
-    "velocity_bounds",
 ]
 
 #: Elements per block (at most; see :func:`block_size`); each block has its own float32 scale.
@@ -146,14 +128,10 @@ BLOCK_SIZE = 256
 MIN_QUANTIZED_SIZE = 4096
 #: Codes per octave (4 mantissa bits): code ``c`` is ``255 - c`` such steps below the scale.
 STEPS_PER_OCTAVE = 16
-#: A step encodes the new ``v`` against this many times the block's largest stored ``v``.
-HEADROOM = 4.0
 
 _SHIFT = 23 - 4  # float32 mantissa bits below the 4 a code keeps
 _ONE_BITS = 0x3F800000  # bits of 1.0
-_MANTISSA_MASK = 0x7FFFFF
 _LARGEST_POWER_OF_TWO = np.float32(2.0**127)
-_LARGEST_BOUND = np.float32(2.0**126)  # its reciprocal is the smallest normal float32
 
 
 class QuantizedArray(NamedTuple):
@@ -165,7 +143,7 @@ class QuantizedArray(NamedTuple):
 
     #: uint8 [n_blocks * BLOCK_SIZE]: 0 is 0; ``c > 0`` is ``255 - c`` steps of 1/16 octave below 1.
     codes: jax.Array
-    #: float32 [n_blocks]: the block's largest value, up to one octave more (0: all zero).
+    #: float32 [n_blocks]: at or above the block's largest value, within an octave (0: all zero).
     block_scale: jax.Array
 
 
@@ -235,73 +213,17 @@ def _relative(values: jax.Array, scale: jax.Array) -> jax.Array:
     return (values * shrink[:, None]) * inverse[:, None]
 
 
-# |g| from here on squares to inf in float32 (its new v is not finite and gets the top code).
-_SQUARABLE = np.float32(np.sqrt(np.finfo(np.float32).max))
-
-
-def _largest_squarable(a: jax.Array, b: jax.Array) -> jax.Array:
-    """max of two magnitudes, counting those whose square overflows (and NaN) as 0."""
-    keep = lambda x: jnp.where(jnp.abs(x) < _SQUARABLE, jnp.abs(x), jnp.float32(0))
-    return jnp.maximum(keep(a), keep(b))
-
-
-def stored_max(q: QuantizedArray) -> jax.Array:
-    """float32 [n_blocks]: each block's largest stored value (a reduction over the uint8 codes)."""
-    n_blocks = q.block_scale.shape[0]
-    return q.block_scale * decode(jnp.max(q.codes.reshape(n_blocks, -1), axis=1))
-
-
-def speculative_scale(q: QuantizedArray) -> jax.Array:
-    """float32 [n_blocks]: the power of two at or above :data:`HEADROOM` times each block's
-    largest stored value (0 for 0; at most 2**125).
-
-    A step's new ``v`` is encoded against it (:func:`quantize_to_power_of_two`)
-    before the new block maximum is known.
-    """
-    bits = jax.lax.bitcast_convert_type(HEADROOM * stored_max(q), jnp.int32)
-    up = (bits + _MANTISSA_MASK) & ~_MANTISSA_MASK  # round up to a power of two
-    return jnp.minimum(jax.lax.bitcast_convert_type(up, jnp.float32), _LARGEST_BOUND / 2)
-
-
-def quantize_to_power_of_two(
-    x: jax.Array, scale: jax.Array, shift: jax.Array | None = None
-) -> QuantizedArray:
-    """Codes of a non-negative ``x`` against ``scale`` [n_blocks], each 0 or a power of two.
-
-    ``encode(x / scale)`` computed on the bits (the division is an exponent
-    subtraction: exact, no reciprocal): the same codes as :func:`quantize`
-    with ``upper_bound=scale``. Values above the scale (and non-finite ones)
-    get 255, so a block whose largest code is 255 may have clipped one.
-    With ``shift`` (a float32 scalar in (2**-1/16, 1]: :func:`grid_shift`),
-    ``x * shift`` is encoded and the block scale is ``scale / shift``: the
-    same codes on a grid of values moved up by a fraction of a step.
-    """
-    blocks = _as_blocks(x).astype(jnp.float32)
-    if shift is not None:
-        blocks = blocks * shift
-        scale_out = scale / shift
-    else:
-        scale_out = scale
-    bits = jax.lax.bitcast_convert_type(blocks, jnp.int32)
-    scale_bits = jax.lax.bitcast_convert_type(scale, jnp.int32)[:, None]
-    steps = (scale_bits - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # as encode(x / scale)
-    code = jnp.clip(255 - steps, 1, 255)
-    codes = jnp.where(blocks > 0, code, jnp.where(jnp.isnan(blocks), 255, 0)).astype(jnp.uint8)
-    codes = jnp.where(jnp.isfinite(blocks), codes, jnp.uint8(255))
-    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale_out)
-
-
 def grid_shift(count: jax.Array) -> jax.Array:
     """float32 scalar ``2**(-u/16)``, ``u`` in [0, 1) a hash of the step ``count``.
 
     Each step's codes lie on the 4-bit-mantissa grid moved up by ``u`` of a
-    step (:func:`quantize_to_power_of_two`), so that round to nearest is
-    unbiased over the steps. On the fixed grid of a power-of-two scale it
-    would ratchet when ``rho`` is close to 1: a step then lowers ``v`` by less
-    than half a code step, so ``v`` could rise but never fall (``rho=0.99``:
-    25 % high after 200 steps). One draw per step (not per leaf, so that the
-    result does not depend on how a wrapper such as ``nnx.State`` names the
-    leaves); each element's error is its own distance to the moved grid.
+    step (:func:`quantize_step`), so that round to nearest is unbiased over
+    the steps. On the fixed grid it would ratchet when ``rho`` is close to 1:
+    a step then lowers ``v`` by less than half a code step, so ``v`` could rise
+    but never fall (``rho=0.99``: 25 % high after 200 steps). One draw per
+    step (not per leaf, so that the result does not depend on how a wrapper
+    such as ``nnx.State`` names the leaves); each element's error is its own
+    distance to the moved grid.
     """
     h = jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):  # murmur3 fmix32
@@ -312,110 +234,57 @@ def grid_shift(count: jax.Array) -> jax.Array:
     return jnp.exp2(-u / STEPS_PER_OCTAVE)
 
 
-def velocity_bounds(pairs: Sequence[tuple[QuantizedArray, jax.Array]], rho: Any) -> list:
-    """float32 [n_blocks] per ``(state, gradient)`` pair: at or above every finite new ``v``.
+# The step's uint8 intermediate: a value's float32 exponent byte, except 0 for zero (and
+# subnormals, which XLA:CPU flushes) and 1 for a non-finite value (finite values get >= 2).
+_EXPONENT_NON_FINITE = 1
+_LARGEST_SCALE_EXPONENT = 253  # a scale of 2**127 at most: 2 ** (253 - 126)
 
-    ``rho * V + (1 - rho) * G^2``: ``V`` the block's :func:`stored_max`,
-    ``G`` its largest ``|g|`` whose square is finite. At most twice the
-    block's new maximum (one octave), since that maximum is at least each of
-    the two terms. An outlier (inf, NaN, or ``|g|`` whose square overflows)
-    never inflates its block's bound; a block whose bound would be 0 but that
-    holds one gets 2**126 (the scale that stores the outlier's non-finite
-    ``v``; its other values are 0). Always finite.
 
-    Two plain (vectorised) reductions of ``g`` per leaf; only when some
-    ``|g|`` of some leaf does not square to a finite value does one branch,
-    for all the leaves, skip the outliers with a custom reducer (scalar code
-    on XLA:CPU).
+def _exponent_bytes(blocks: jax.Array) -> jax.Array:
+    exponent = jax.lax.bitcast_convert_type(blocks, jnp.int32) >> 23
+    finite = jnp.where(blocks > 0, jnp.maximum(exponent, 2), 0)
+    return jnp.where(jnp.isfinite(blocks), finite, _EXPONENT_NON_FINITE).astype(jnp.uint8)
+
+
+def quantize_step(x: jax.Array, shift: jax.Array) -> QuantizedArray:
+    """Blockwise codes of a non-negative ``x`` (a step's new ``v``) on the grid moved by ``shift``.
+
+    Three elementwise passes and no branch: each value's exponent byte (uint8),
+    each block's largest (a plain uint8 reduction), and the codes of
+    ``x * shift`` against the power of two above the block's largest finite
+    value (within one octave of it), computed on the bits (the division is an
+    exponent subtraction: exact; one rounding to nearest). The scale stored is
+    that power of two over ``shift``. Non-finite values get the top code; a
+    block with no finite positive value but a non-finite one gets 2**127 (as
+    :func:`quantize`); values of 2**127 and above keep the top code.
     """
-    if not pairs:
-        return []
-    blocks = [
-        _as_blocks(jnp.abs(g) if jnp.iscomplexobj(g) else g).astype(jnp.float32) for _, g in pairs
-    ]
-    plain = [jnp.maximum(jnp.max(b, axis=1), -jnp.min(b, axis=1)) for b in blocks]  # NaN if any is
-    largest = jax.lax.cond(
-        jnp.all(jnp.concatenate(plain) < _SQUARABLE),  # False for NaN too
-        lambda blocks, plain: plain,
-        lambda blocks, plain: [
-            jax.lax.reduce(b, np.float32(0), _largest_squarable, (1,)) for b in blocks
-        ],
-        blocks,
-        plain,
+    blocks = _as_blocks(x).astype(jnp.float32) * shift
+    top = jnp.max(_exponent_bytes(blocks), axis=1).astype(jnp.int32)
+    finite_top = top > _EXPONENT_NON_FINITE
+    scale_exponent = jnp.minimum(top + 1, _LARGEST_SCALE_EXPONENT + 1)  # 2**(top - 126)
+    scale_bits = jnp.where(finite_top, scale_exponent << 23, 0)
+    bits = jax.lax.bitcast_convert_type(blocks, jnp.int32)
+    steps = (scale_bits[:, None] - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # encode(x / scale)
+    positive = jnp.clip(255 - steps, 1, 255)
+    codes = jnp.where(jnp.isfinite(blocks), jnp.where(blocks > 0, positive, 0), 255).astype(
+        jnp.uint8
     )
-    rho = jnp.asarray(rho, jnp.float32)
-    bounds = []
-    for (q, _), top_g, with_outliers in zip(pairs, largest, plain):
-        bound = rho * stored_max(q) + (1 - rho) * top_g * top_g
-        has_outlier = ~(with_outliers < _SQUARABLE)
-        bounds.append(jnp.where((bound == 0) & has_outlier, _LARGEST_BOUND, bound))
-    return bounds
+    power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
+    scale = jnp.where(
+        finite_top,
+        power / shift,
+        jnp.where(top == _EXPONENT_NON_FINITE, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
+    )
+    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
 
 
-def requantize_clipped_blocks(
-    old: Sequence[QuantizedArray],
-    grads: Sequence[jax.Array],
-    speculative: Sequence[QuantizedArray],
-    new_velocity: Callable[[jax.Array, jax.Array], jax.Array],
-    rho: Any,
-) -> list:
-    """The step's new states: ``speculative``, except blocks whose top code is 255.
-
-    ``speculative[i]`` encodes the new ``v`` of leaf ``i`` against
-    :func:`speculative_scale` of ``old[i]``; a block whose largest code is
-    255 may have clipped a value above that scale (or holds a non-finite
-    one). Only when some block of some leaf does (one branch for all the
-    leaves) are those blocks encoded again, against :func:`velocity_bounds`,
-    from ``new_velocity(g, dequantized old v)`` recomputed in the branch (so
-    that the common path never materialises a float32 ``v``).
-    """
-    tops = [jnp.max(q.codes.reshape(q.block_scale.shape[0], -1), axis=1) for q in speculative]
-    # One reduction for all the leaves (the barrier keeps XLA from splitting it per leaf).
-    any_clipped = jnp.max(jax.lax.optimization_barrier(jnp.concatenate(tops))) == 255
-
-    def requantize(old, grads, speculative, tops):
-        result = []
-        for q, g, fast, top, bound in zip(
-            old, grads, speculative, tops, velocity_bounds(list(zip(old, grads)), rho)
-        ):
-            redo = top == 255
-            exact = quantize(new_velocity(g, dequantize(q, jnp.shape(g))), upper_bound=bound)
-            n_blocks = q.block_scale.shape[0]
-            codes = jnp.where(
-                redo[:, None], exact.codes.reshape(n_blocks, -1), fast.codes.reshape(n_blocks, -1)
-            )
-            scale = jnp.where(redo, exact.block_scale, fast.block_scale)
-            result.append(QuantizedArray(codes=codes.reshape(-1), block_scale=scale))
-        return result
-
-    # A loop of zero or one iteration, not a cond: XLA updates a loop's carried buffers in
-    # place, where a cond's pass-through branch would copy every leaf's codes.
-    def body(carry):
-        _, fast = carry
-        return jnp.array(False), requantize(list(old), list(grads), fast, tops)
-
-    return jax.lax.while_loop(lambda carry: carry[0], body, (any_clipped, list(speculative)))[1]
-
-
-def quantize(x: jax.Array, upper_bound: jax.Array | None = None) -> QuantizedArray:
+def quantize(x: jax.Array) -> QuantizedArray:
     """Blockwise 8-bit codes of a NON-NEGATIVE real array (any shape; computed in float32).
 
-    Args:
-      x: the values; non-finite ones get the top code (their block's scale).
-      upper_bound: optional float32 [n_blocks], at or above every finite value
-        of its block (:func:`velocity_bound`; capped at 2**127). It is then
-        the scale: one elementwise pass, no block maximum. Without it, the
-        scale is the block's largest finite value.
+    The scale is each block's largest finite value; non-finite values get the
+    top code (their block's scale).
     """
-    blocks = _as_blocks(x).astype(jnp.float32)
-    if upper_bound is None:
-        return _quantize_exact(blocks)
-    # At most 2**126, whose reciprocal is float32-normal: one multiply per element, and the
-    # loop reads two per-block arrays (XLA would recompute per element what it may fuse).
-    scale = jnp.minimum(jnp.asarray(upper_bound, jnp.float32), _LARGEST_BOUND)
-    inverse = 1 / jnp.where(scale > 0, scale, 1.0)
-    codes = jnp.where(jnp.isfinite(blocks), encode(blocks * inverse[:, None]), jnp.uint8(255))
-    return QuantizedArray(codes=codes.reshape(-1), block_scale=scale)
+    return _quantize_exact(_as_blocks(x).astype(jnp.float32))
 
 
 def _quantize_exact(blocks: jax.Array) -> QuantizedArray:
