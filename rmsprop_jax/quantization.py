@@ -177,17 +177,23 @@ MIN_BLOCK_SIZE = 128
 
 
 def block_size(size: int) -> int:
-    """Elements per block of a leaf of ``size`` elements: the largest divisor of ``size`` in
-    [128, 256], else 256 (the last block zero-padded).
+    """Elements per block of a leaf of ``size`` elements: a divisor of ``size`` in [128, 256]
+    (else 256, the last block zero-padded).
 
     A divisor makes the blocks a reshape of the leaf: on XLA:CPU a padded (or
-    sliced) leaf is a materialised copy, read by every blocked reduction of
-    the step (a 100,000-element leaf gets blocks of 250). At rest: at most
-    1 + 4/128 = 1.031 bytes per element, 1.016 for blocks of 256.
+    sliced) leaf is a materialised copy. Among the divisors, the largest that
+    is a multiple of 8 and leaves an even number of blocks, else the largest
+    multiple of 8, else the largest: XLA:CPU's loops over the blocks ran
+    1.6-1.8x slower otherwise (measured on 160 leaves of 100,000 elements:
+    blocks of 250 or 160, the latter 625 of them, 15 ms per encode; of 200,
+    9 ms). At rest: at most 1 + 4/128 = 1.031 bytes per element; 1.016 for
+    blocks of 256, 1.02 for 200.
     """
-    for candidate in range(BLOCK_SIZE, MIN_BLOCK_SIZE - 1, -1):
-        if size % candidate == 0:
-            return candidate
+    divisors = [b for b in range(BLOCK_SIZE, MIN_BLOCK_SIZE - 1, -1) if size % b == 0]
+    for fits in (lambda b: b % 8 == 0 and size // b % 2 == 0, lambda b: b % 8 == 0, bool):
+        for candidate in divisors:
+            if fits(candidate):
+                return candidate
     return BLOCK_SIZE
 
 

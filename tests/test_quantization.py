@@ -170,11 +170,13 @@ def test_grid_shift_moves_the_grid_by_less_than_a_step():
 
 
 def test_block_size_divides_the_leaf_when_it_can():
-    assert Q.block_size(100_000) == 250  # 16M/160's leaves: a reshape, no padded copy
-    assert Q.block_size(4900) == 245 and Q.block_size(65536) == 256
+    # 16M/160's leaves: a reshape, no padded copy; 200 (500 blocks), not 250 or 160 (625)
+    assert Q.block_size(100_000) == 200 and Q.block_size(1_000_000) == 200
+    assert Q.block_size(96_000) == 240 and Q.block_size(65536) == 256
+    assert Q.block_size(4900) == 245  # no divisor is a multiple of 8: the largest
     assert Q.block_size(4099) == 256  # a prime: padded blocks of 256
     q = Q.quantize(jnp.arange(100_000.0))
-    assert q.codes.shape == (100_000,) and q.block_scale.shape == (400,)
+    assert q.codes.shape == (100_000,) and q.block_scale.shape == (500,)
     np.testing.assert_allclose(Q.dequantize(q, (100_000,)), np.arange(100_000.0), rtol=1 / 32)
 
 
