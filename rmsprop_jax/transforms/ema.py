@@ -78,7 +78,8 @@ def weight_ema(
         if params is None:
             raise _checks.params_required("ema")
         check_sparse_leaves(updates, "updates")
-        iterations = state.count // steps
+        # steps == 1: no division (XLA keeps jnp's floor-division logic in every leaf's kernel)
+        iterations = state.count if steps == 1 else state.count // steps
         k = jnp.where(iterations != 0, ema_momentum, 0.0)
         overwrite = None
         if ema_overwrite_frequency is not None:
