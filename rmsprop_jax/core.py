@@ -81,7 +81,7 @@ SUPPORTED_ACCUMULATOR_DTYPES = ("float32", "bfloat16")
 class RMSpropState(NamedTuple):
     """State of :func:`rmsprop_update` and :func:`scale_by_rmsprop`; absent slots are None (no memory, no work)."""
 
-    # int32 scalar: steps taken; only when a schedule or bias correction reads it.
+    # int32 scalar: steps taken; only when a schedule, bias correction or an 8-bit leaf reads it.
     count: chex.Array | None  # type: ignore[assignment]  # shadows tuple.count, as optax's states
     # Mean of |g|^2, real dtype (float32 for float16 / bfloat16 / float32 / complex64 params).
     velocity: optax.Updates
@@ -151,11 +151,6 @@ def _as_stored(x: jax.Array, slot: jax.Array) -> jax.Array:
     return x.astype(slot.dtype).astype(x.dtype)
 
 
-def _new_velocity(x: jax.Array, velocity: jax.Array, rho: Any) -> jax.Array:
-    """``rho * v + (1 - rho) * |x|^2`` before storage rounding (``1 - rho`` in Python double)."""
-    return rho * velocity.astype(_real_dtype(x.dtype)) + (1 - rho) * abs_sq(x)
-
-
 def rmsprop_leaf_update(
     g: jax.Array,
     velocity: jax.Array,
@@ -188,7 +183,9 @@ def rmsprop_leaf_update(
     if maximize:
         x = -x
     one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-    v = _as_stored(_new_velocity(x, velocity, rho), velocity)
+    v = _as_stored(
+        rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x), velocity
+    )
     variance = v
     a = None
     if centered:

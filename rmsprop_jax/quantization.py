@@ -255,8 +255,8 @@ def _exponent_bytes(blocks: jax.Array) -> jax.Array:
 def quantize_step(x: jax.Array, shift: jax.Array) -> QuantizedArray:
     """Blockwise codes of a non-negative ``x`` (a step's new ``v``) on the grid moved by ``shift``.
 
-    Three elementwise passes and no branch: each value's exponent byte (uint8),
-    each block's largest (a plain uint8 reduction), and the codes of
+    Three passes and no branch: each value's exponent byte (uint8), each
+    block's largest (a plain uint8 reduction), and the codes of
     ``x * shift`` against the power of two above the block's largest finite
     value (within one octave of it), computed on the bits (the division is an
     exponent subtraction: exact; one rounding to nearest). The scale stored is
