@@ -154,8 +154,13 @@ def encode(y: jax.Array) -> jax.Array:
     the 16-octave range give 1 (the smallest non-zero value, 2**-16 * 1.125).
     """
     y = jnp.asarray(y, jnp.float32)
-    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
-    steps = (_ONE_BITS - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # to the nearest step
+    return _nearest_code(_ONE_BITS - jax.lax.bitcast_convert_type(y, jnp.int32), y)
+
+
+def _nearest_code(distance: jax.Array, y: jax.Array) -> jax.Array:
+    """The code ``distance`` float32-bit units below the scale (rounded to the nearest step) of
+    each ``y``: 0 for ``y <= 0``, 255 for NaN, positive values at least 1."""
+    steps = (distance + (1 << (_SHIFT - 1)) - 1) >> _SHIFT
     code = jnp.clip(255 - steps, 1, 255)
     return jnp.where(y > 0, code, jnp.where(jnp.isnan(y), 255, 0)).astype(jnp.uint8)
 
@@ -270,10 +275,9 @@ def quantize_step(x: jax.Array, shift: jax.Array) -> QuantizedArray:
     scale_exponent = jnp.minimum(top + 1, _LARGEST_SCALE_EXPONENT + 1)  # 2**(top - 126)
     scale_bits = jnp.where(finite_top, scale_exponent << 23, 0)
     bits = jax.lax.bitcast_convert_type(blocks, jnp.int32)
-    steps = (scale_bits[:, None] - bits + (1 << (_SHIFT - 1)) - 1) >> _SHIFT  # encode(x / scale)
-    positive = jnp.clip(255 - steps, 1, 255)
-    codes = jnp.where(jnp.isfinite(blocks), jnp.where(blocks > 0, positive, 0), 255).astype(
-        jnp.uint8
+    # encode(x / scale), the division an exponent subtraction on the bits
+    codes = jnp.where(
+        jnp.isfinite(blocks), _nearest_code(scale_bits[:, None] - bits, blocks), jnp.uint8(255)
     )
     power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
     scale = jnp.where(
