@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_buffers, _flat_forms
+from rmsprop_jax import _checks, _flat_buffers, _flat_forms, _fusion
 from rmsprop_jax.core import abs_sq
 from rmsprop_jax.sparse import dense_parts, map_gradients
 
@@ -138,7 +138,7 @@ def _p_norm(
             # (Not across explicit-axis shardings that differ: they do not concatenate.)
             arrays_ = arrays
             if len(arrays_) > 1 and len({jax.typeof(x).sharding for x in arrays_}) == 1:
-                arrays_ = [jnp.concatenate([jnp.ravel(_at_least_float32(x)) for x in arrays_])]
+                arrays_ = [_concatenate_magnitudes(arrays_)]
             m = _max_abs(arrays_, over)
             ok = jnp.isfinite(m) & (m > 0)
             safe_m = over.spread(jnp.where(ok, m, 1.0))
@@ -151,6 +151,21 @@ def _p_norm(
     # Tested on the norm, not the sum: the sum then feeds one consumer and XLA keeps the
     # whole reduction in one fusion, as without the fallback.
     return jax.lax.cond(jnp.all(jnp.isfinite(plain)), lambda _: plain, rescaled, None)
+
+
+def _concatenate_magnitudes(arrays: list[jax.Array], group: int = 16) -> jax.Array:
+    """``|x|`` of every element of ``arrays``, as one flat buffer.
+
+    Concatenated in a tree of at most ``group`` operands per concatenation: one
+    concatenation of 1000 operands compiles about 3x slower on XLA:CPU (the
+    ``abs`` between the levels keeps XLA from merging them back into one).
+    """
+    parts = [jnp.ravel(_at_least_float32(x)) for x in arrays]
+    while len(parts) > 1:
+        parts = [
+            jnp.abs(jnp.concatenate(parts[i : i + group])) for i in range(0, len(parts), group)
+        ]
+    return parts[0]
 
 
 def _max_abs(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Array:
@@ -236,6 +251,7 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
         del params
         norm = global_norm(updates)
         scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
+        scale = _fusion.computed_once(scale)  # NaN stays NaN; one kernel, not one per leaf
         return _tree_map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return _flat_forms.declare(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_forms, _trees
+from rmsprop_jax import _checks, _flat_forms, _fusion, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -94,8 +94,10 @@ def weight_ema(
                 return u.replace_values(new_u), u.scatter(avg, new_rows)
             u = jnp.zeros_like(w) if u is None else u
             new_w = optax.apply_updates(w, u)
-            k_ = k.astype(w.dtype)
-            new_avg = k_ * avg + (1 - k_) * new_w
+            # Step-wide scalars in one kernel each, not copied into every leaf's loop
+            # (XLA's CSE merges the leaves' identical ones).
+            k_ = _fusion.computed_once(k.astype(w.dtype))
+            new_avg = k_ * avg + _fusion.computed_once(1 - k_) * new_w
             if overwrite is not None:
                 u = jnp.where(overwrite, (new_avg - w).astype(u.dtype), u)
             return u, new_avg

@@ -181,3 +181,38 @@ def test_rmsprop_global_clipnorm_with_huge_finite_gradients_is_finite():
 def test_non_finite_gradients_keep_keras_nan_propagation():
     out, _ = rj.clip_by_global_norm(1.0).update({"x": jnp.array([jnp.inf, 1.0])}, None)
     assert bool(jnp.all(jnp.isnan(out["x"])))  # Keras: (n - n) is NaN
+
+
+def test_global_norm_of_many_huge_leaves_is_right():
+    """Over 16 leaves the overflow branch concatenates them in a tree of concatenations."""
+    rng = np.random.default_rng(0)
+    tree = {
+        f"leaf{i:02d}": jnp.asarray(rng.standard_normal(i % 5 + 1) * 10.0 ** (10 + i), jnp.float32)
+        for i in range(40)  # up to 1e49 overflows float32: keep the leaves finite
+        if 10 + i < 38
+    }
+    assert len(tree) == 28
+    np.testing.assert_allclose(rj.global_norm(tree), _np_norm(tree), rtol=1e-6)
+    out, _ = jax.jit(rj.clip_by_global_norm(1.0).update)(tree, None)
+    for key, g in tree.items():
+        np.testing.assert_allclose(out[key], np.asarray(g, np.float64) / _np_norm(tree), rtol=2e-6)
+
+
+def _count_in_compiled_step(tx, leaves: int, op: str) -> int:
+    params = {f"w{i}": jnp.ones((8,)) for i in range(leaves)}
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return rj.apply_updates(params, updates), state
+
+    text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    return text.count(f" {op}(")
+
+
+def test_step_wide_scalars_are_compiled_once_not_per_leaf():
+    """XLA copies a cheap scalar expression into every loop that reads it; the global clip's
+    scale (its ``minimum``) and the EMA's ``where`` on the step count are kept in one kernel
+    each, so the compiled step does not grow by them with every leaf (compile time)."""
+    tx = rj.rmsprop(1e-3, global_clipnorm=1.0, use_ema=True)
+    for op in ("minimum", "select"):
+        assert _count_in_compiled_step(tx, 2, op) == _count_in_compiled_step(tx, 6, op), op
