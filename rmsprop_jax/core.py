@@ -168,6 +168,7 @@ def rmsprop_leaf_update(
     lr_in_momentum: bool,
     maximize: bool,
     guard_zero_denominator: bool,
+    store_velocity: Callable[[jax.Array], tuple[Any, jax.Array]] | None = None,
 ):
     """THE RMSprop arithmetic, for one leaf; every path of the package calls it.
 
@@ -176,16 +177,26 @@ def rmsprop_leaf_update(
     in ``g``'s dtype, and the new slots in their stored dtypes. Absent slots
     (None) stay None. The order of operations follows Keras 3 (``(1 - rho)`` in
     Python double, ``(lr * g) / sqrt(v + eps)``, ``m = momentum * m + inc``), so
-    that the default configuration agrees with Keras to the ulp.
+    that the default configuration agrees with Keras to the ulp. Every slot is
+    read as stored: ``store_velocity(new_v) -> (stored, as_read)`` stores the
+    new ``v`` in another form (8-bit: :func:`rmsprop_jax.quantization.stored`);
+    by default it is rounded to the slot's dtype.
     """
     out_dtype = g.dtype
     x = g.astype(_arithmetic_dtype(g.dtype))
     if maximize:
         x = -x
     one_minus_rho = 1 - rho  # Python double when rho is a float, as Keras
-    v = _as_stored(
-        rho * velocity.astype(_real_dtype(x.dtype)) + one_minus_rho * abs_sq(x), velocity
-    )
+    added = one_minus_rho * abs_sq(x)
+    new_v = rho * velocity.astype(_real_dtype(x.dtype)) + added
+    if store_velocity is None:
+        stored_v, v = new_v.astype(velocity.dtype), _as_stored(new_v, velocity)
+    else:  # 8-bit: the codes, and the values they stand for
+        stored_v, v = store_velocity(new_v)
+        # A non-finite |g|**2 term (an inf or NaN gradient, or one whose square overflows)
+        # is stored saturated; read as itself, its element steps as with float32 state (0 for
+        # g = 1e20, NaN for inf or NaN). (From g alone: the new v would need the old codes.)
+        v = jnp.where(jnp.isfinite(added), v, added)
     variance = v
     a = None
     if centered:
@@ -215,7 +226,7 @@ def rmsprop_leaf_update(
 
     return (
         (-step).astype(out_dtype),
-        v.astype(velocity.dtype),
+        stored_v,
         None
         if a is None
         else a.astype(a.dtype if average_gradient is None else average_gradient.dtype),
@@ -423,12 +434,17 @@ def rmsprop_update(
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
-                v = quantization.dequantize(v, jnp.shape(g))
-                update, v, a, m = rmsprop_leaf_update(
-                    g, v, a, m, lr, bias_denominator, **leaf_options
-                )
                 shift = quantization.grid_shift(state.count)
-                return update, quantization.quantize_step(v, shift), a, m
+                return rmsprop_leaf_update(
+                    g,
+                    quantization.dequantize(v, jnp.shape(g)),
+                    a,
+                    m,
+                    lr,
+                    bias_denominator,
+                    store_velocity=lambda new_v: quantization.stored(new_v, shift),
+                    **leaf_options,
+                )
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(
