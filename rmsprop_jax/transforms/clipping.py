@@ -121,7 +121,9 @@ def _p_norm(
     The plain ``root(sum(|x|^p))`` (or ``plain``, the caller's form of it) is the
     result whenever the sum is finite: the normal path costs nothing more. Only
     when the sum overflows (|x| above ~1.8e19 for p = 2, or many large values)
-    is it recomputed as ``m * root(sum(|x / m|^p))`` with ``m = max |x|``; a
+    is it recomputed in a branch that otherwise never runs: for p = 2 as
+    ``2**80 * sqrt(sum(|x * 2**-80|^2))`` (see :func:`_overflowed_two_norm`),
+    for other p as ``m * root(sum(|x / m|^p))`` with ``m = max |x|``; a
     non-finite input keeps the plain (inf / NaN) result, as Keras and PyTorch.
     ``over`` reduces: the whole tensors, or (a ``Segments``) each leaf's
     segment of a flat buffer, giving one norm per leaf.
@@ -133,18 +135,16 @@ def _p_norm(
 
     def rescaled(_):
         with jax.named_scope(OVERFLOW_FALLBACK):
-            # One buffer for many leaves: this rarely-run branch then compiles to a few
-            # kernels, not two per leaf (at 1000 leaves it tripled the step's compile time).
-            # (Not across explicit-axis shardings that differ: they do not concatenate.)
-            arrays_ = arrays
-            if len(arrays_) > 1 and len({jax.typeof(x).sharding for x in arrays_}) == 1:
-                arrays_ = [_concatenate_magnitudes(arrays_)]
-            m = _max_abs(arrays_, over)
-            ok = jnp.isfinite(m) & (m > 0)
-            safe_m = over.spread(jnp.where(ok, m, 1.0))
-            scaled = m * _root(
-                _power_sum([_at_least_float32(x) / safe_m for x in arrays_], p, over), p
-            )
+            if p == 2:
+                scaled = _overflowed_two_norm(arrays, over)
+                ok = jnp.isfinite(scaled)
+            else:
+                m = _max_abs(arrays, over)
+                ok = jnp.isfinite(m) & (m > 0)
+                safe_m = over.spread(jnp.where(ok, m, 1.0))
+                scaled = m * _root(
+                    _power_sum([_at_least_float32(x) / safe_m for x in arrays], p, over), p
+                )
             # Only the overflowing norms change (every one, for a whole tensor).
             return jnp.where(ok & ~jnp.isfinite(plain), scaled, plain).astype(plain.dtype)
 
@@ -153,19 +153,53 @@ def _p_norm(
     return jax.lax.cond(jnp.all(jnp.isfinite(plain)), lambda _: plain, rescaled, None)
 
 
-def _concatenate_magnitudes(arrays: list[jax.Array], group: int = 16) -> jax.Array:
-    """``|x|`` of every element of ``arrays``, as one flat buffer.
+_OVERFLOW_SCALE = 2.0**-80
 
-    Concatenated in a tree of at most ``group`` operands per concatenation: one
-    concatenation of 1000 operands compiles about 3x slower on XLA:CPU (the
-    ``abs`` between the levels keeps XLA from merging them back into one).
+
+def _overflowed_two_norm(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Array:
+    """``sqrt(sum(|x|^2))`` of finite ``arrays`` whose plain sum of squares overflowed.
+
+    The norm is then at least 2**64, so one fixed power of two does: scaled by
+    2**-80 (exact), no square exceeds 2**96 and 2**31 of them still sum below
+    float32's largest value, while the squares that flush to 0 (|x| < 2**17)
+    add less than ``n * 2**-94`` of the norm's square. One pass, no maximum
+    and no division. Small leaves are concatenated in groups (the branch then
+    compiles to fewer kernels); a large leaf is reduced alone (no copy of it).
     """
-    parts = [jnp.ravel(_at_least_float32(x)) for x in arrays]
-    while len(parts) > 1:
-        parts = [
-            jnp.abs(jnp.concatenate(parts[i : i + group])) for i in range(0, len(parts), group)
-        ]
-    return parts[0]
+    total = sum(over.sum(abs_sq(part * _OVERFLOW_SCALE)) for part in _grouped_small_leaves(arrays))
+    return jnp.sqrt(total) / _OVERFLOW_SCALE
+
+
+#: The fallback concatenates leaves below this many elements, up to 8 of them at a time.
+_SMALL_LEAF = 2**16
+_GROUP = 8
+
+
+def _grouped_small_leaves(arrays: list[jax.Array]) -> list[jax.Array]:
+    """``arrays`` (at least float32) with consecutive small ones concatenated, up to 8 at a time.
+
+    Fewer kernels for XLA to compile: a branch of two reductions per leaf at
+    1000 leaves of 64 elements compiled several times slower than this one; a
+    group of 8 compiled faster than larger groups or one concatenation of all
+    (whose 1000 operands compile slowly too). Not across explicit-axis shardings
+    that differ: those do not concatenate.
+    """
+    arrays = [_at_least_float32(x) for x in arrays]
+    if len({jax.typeof(x).sharding for x in arrays}) > 1:
+        return arrays
+    parts: list[jax.Array] = []
+    group: list[jax.Array] = []
+    for x in arrays:
+        if x.size >= _SMALL_LEAF:
+            parts.append(x)
+            continue
+        group.append(jnp.ravel(x))
+        if len(group) == _GROUP:
+            parts.append(jnp.concatenate(group))
+            group = []
+    if group:
+        parts.append(jnp.concatenate(group) if len(group) > 1 else group[0])
+    return parts
 
 
 def _max_abs(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Array:
