@@ -192,14 +192,16 @@ def _grouped_small_leaves(arrays: list[jax.Array]) -> list[jax.Array]:
         return arrays
     parts: list[jax.Array] = []
     group: list[jax.Array] = []
+    group_size = 0
     for x in arrays:
         if x.size >= _SMALL_LEAF:
             parts.append(x)
             continue
-        if group and sum(g.size for g in group) + x.size > _GROUP_ELEMENTS:
+        if group and group_size + x.size > _GROUP_ELEMENTS:
             parts.append(_concatenate_magnitudes(group))
-            group = []
+            group, group_size = [], 0
         group.append(jnp.ravel(x))
+        group_size += x.size
     if group:
         parts.append(_concatenate_magnitudes(group))
     return parts
