@@ -423,6 +423,10 @@ def rmsprop_update(
         if bias_correction:
             bias_denominator = _bias_denominator(rho, optax.safe_increment(state.count))
 
+        # The codes of the last 8-bit leaf large enough to be ordered after (see
+        # quantization.ordered_after): a one-element list, rebound as leaves are traced.
+        previous_codes: list[jax.Array] = []
+
         def leaf(path, g, v, a, m):
             if g is None:
                 return None, v, a, m
@@ -435,7 +439,10 @@ def rmsprop_update(
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
                 shift = quantization.grid_shift(state.count)
-                return rmsprop_leaf_update(
+                ordered = quantization.is_ordered_size(math.prod(jnp.shape(g)))
+                if ordered and previous_codes:
+                    shift = quantization.ordered_after(shift, previous_codes.pop())
+                result = rmsprop_leaf_update(
                     g,
                     quantization.dequantize(v, jnp.shape(g)),
                     a,
@@ -445,6 +452,9 @@ def rmsprop_update(
                     store_velocity=lambda new_v: quantization.stored(new_v, shift),
                     **leaf_options,
                 )
+                if ordered:
+                    previous_codes.append(result[1].codes)
+                return result
             if isinstance(g, IndexedSlices):
                 if g.dense_shape != v.shape:
                     raise ValueError(

@@ -116,6 +116,7 @@ import numpy as np
 __all__ = [
     "BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
+    "MIN_ORDERED_SIZE",
     "MIN_QUANTIZED_SIZE",
     "STEPS_PER_OCTAVE",
     "QuantizedArray",
@@ -126,7 +127,9 @@ __all__ = [
     "encode",
     "full",
     "grid_shift",
+    "is_ordered_size",
     "is_quantized_size",
+    "ordered_after",
     "quantize",
     "quantize_step",
     "restore",
@@ -315,6 +318,36 @@ def quantize_step(x: jax.Array, shift: jax.Array) -> QuantizedArray:
         jnp.where(top == _EXPONENT_NON_FINITE, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
     )
     return QuantizedArray(codes=codes, block_scale=scale)
+
+
+#: 8-bit leaves of at least this many elements run their step's loops one leaf after another.
+MIN_ORDERED_SIZE = 2**18
+
+
+def is_ordered_size(size: int) -> bool:
+    """Whether an 8-bit leaf of ``size`` elements is ordered after the previous such leaf."""
+    return size >= MIN_ORDERED_SIZE
+
+
+def ordered_after(shift: jax.Array, previous_codes: jax.Array) -> jax.Array:
+    """``shift`` unchanged, as a value that depends on ``previous_codes`` (another leaf's new codes).
+
+    Each step reads a leaf's gradient in three loops (the exponent bytes, the
+    codes, the parameter update). XLA:CPU runs the leaves' loops pass by pass
+    (every leaf's exponent bytes, then every leaf's block maxima, ...), so each
+    pass reads every gradient from memory again. Made to depend on the previous
+    leaf's codes, a leaf's loops start once that leaf's encode is done: the
+    loops of one leaf then run back to back and read its gradient from cache
+    (a leaf of 2**18 to a few million elements; a leaf of 16M elements does not
+    fit). Measured (16M parameters, plain, 16 and 40 leaves): the int8 step
+    12-15 % faster; at 160 leaves of 100,000 elements no difference beyond the
+    noise, so smaller leaves (:data:`MIN_ORDERED_SIZE`) stay unordered. The
+    dependency is a uint8 shifted right by 7 compared with 1 (always false):
+    no arithmetic on the result.
+    """
+    first = jnp.ravel(previous_codes)[0]
+    never = jax.lax.shift_right_logical(first, jnp.uint8(7)) > 1
+    return jnp.where(never, jnp.float32(0), shift)
 
 
 def stored(x: jax.Array, shift: jax.Array) -> tuple[QuantizedArray, jax.Array]:

@@ -1,6 +1,7 @@
 """8-bit blockwise optimizer state: ``accumulator_dtype="int8"`` (rmsprop_jax.quantization)."""
 
 import math
+import re
 import warnings
 
 import jax
@@ -638,3 +639,59 @@ def test_int8_codes_survive_values_near_the_float32_maximum():
     q = rj.quantization
     v = jnp.full(256, 1e38).at[1].set(5e37)  # XLA:CPU's reciprocal of 1e38 would flush to 0
     np.testing.assert_allclose(q.dequantize(q.quantize(v), (256,)), v, rtol=0.01)
+
+
+def test_large_leaves_run_their_loops_one_leaf_after_another(monkeypatch):
+    """A large 8-bit leaf's loops start after the previous large leaf's encode (its gradient
+    is then read from cache by its three loops); the results are those of the unordered step
+    bit for bit, and the state is still overwritten in place."""
+    sizes = {"a": Q.MIN_ORDERED_SIZE, "b": Q.MIN_ORDERED_SIZE + 512}
+    params = {k: jnp.zeros((n,)) for k, n in sizes.items()}
+    grads = {
+        k: jax.random.normal(jax.random.key(i), (n,)) for i, (k, n) in enumerate(sizes.items())
+    }
+    tx = rj.rmsprop(0.01, accumulator_dtype="int8", momentum=0.9)
+
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def run():  # traced anew (a new function): after the monkeypatch, unordered
+        jitted = jax.jit(lambda p, s, g: step(p, s, g))
+        p, s = params, tx.init(params)
+        for _ in range(3):
+            p, s = jitted(p, s, grads)
+        return p, s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads)
+    hlo = text.compile().as_text()
+    instructions = [
+        m.groups()
+        for m in re.finditer(
+            r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{\S*\})? (\w+)\((.*)\)",
+            hlo[hlo.index("ENTRY") :],
+            re.M,
+        )
+    ]
+    root_operands = hlo[hlo.index("ROOT") :].split(" tuple(", 1)[1].split(")", 1)[0]
+    # leaf a's new codes: the fusion of its codes' shape that is a state output
+    codes_a = [
+        name
+        for name, shape, op, _ in instructions
+        if op == "fusion"
+        and shape == f"u8[{sizes['a']}]"
+        and f"%{name}" in root_operands.split(", ")
+    ]
+    assert len(codes_a) == 1, codes_a
+    first_loops_of_b = [
+        operands.split(", ")
+        for _, _, op, operands in instructions
+        if op == "fusion" and "%g__b__" in operands
+    ]
+    assert any(f"%{codes_a[0]}" in operands for operands in first_loops_of_b)
+    assert not [i for i in instructions if i[2] == "copy" and i[1].startswith("u8[")]
+
+    ordered = run()
+    monkeypatch.setattr(Q, "is_ordered_size", lambda size: False)
+    unordered = run()
+    jax.tree.map(np.testing.assert_array_equal, ordered, unordered)
