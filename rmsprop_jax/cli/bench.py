@@ -935,6 +935,7 @@ def environment() -> dict[str, Any]:
         cpu_count=os.cpu_count(),
         jax=jax.__version__,
         devices=[str(d) for d in jax.devices()],
+        device_kind=jax.devices()[0].device_kind,
         backend=jax.default_backend(),
     )
     try:
@@ -1113,7 +1114,7 @@ def run(
     env["loadavg_start"] = _loadavg()
     log(
         f"machine: {env['platform']}, {env['cpu_count']} CPUs; jax backend {env['backend']}, "
-        f"devices {env['devices']}"
+        f"devices {env['devices']} ({env['device_kind']})"
     )
     log(
         "versions: "
