@@ -162,8 +162,11 @@ def test_quantize_step_against_a_numpy_reference(shift):
 
 
 def test_grid_shift_moves_the_grid_by_less_than_a_step():
-    shifts = np.asarray(jax.vmap(Q.grid_shift)(jnp.arange(4096)))
+    grid = jax.vmap(Q.grid_shift)(jnp.arange(4096))
+    shifts, ups = np.asarray(grid.down), np.asarray(grid.up)
     assert np.all((shifts > 2 ** (-1 / 16)) & (shifts <= 1))
+    # up undoes down within an ulp (its own exp2, no reciprocal in the step)
+    np.testing.assert_allclose(ups.astype(np.float64) * shifts, 1, rtol=2**-23)
     # spread over the whole step: each sixteenth of it is hit about equally often
     fraction = -np.log2(shifts) * 16
     counts = np.histogram(fraction, bins=16, range=(0, 1))[0]
@@ -455,10 +458,11 @@ def test_int8_step_has_no_branch_and_no_float32_v():
 @pytest.mark.parametrize("shape", [(64 * 256,), (128, 128), (4099,), (7, 3, 300)])
 @pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, centered=True)])
 def test_int8_step_overwrites_its_state_in_place(shape, kw):
-    """With the state donated, the new codes overwrite the old ones and the float32 slots
-    theirs: the compiled step copies no array of the leaf's size (the update reads the codes
+    """With the state donated, the new codes overwrite the old ones, the new block scales and
+    the float32 slots theirs: the compiled step copies no array (the update reads the codes
     as the encode wrote them; an update reading the old codes made XLA copy them each step,
-    2 bytes per element, and codes stored as blocks made it copy the new ones)."""
+    2 bytes per element, codes stored as blocks made it copy the new ones, and new scales
+    computed before the encode, which reads the old ones, made it copy those)."""
     params = {"w": jnp.zeros(shape)}
     tx = rj.rmsprop(0.01, accumulator_dtype="int8", **kw)
 
@@ -467,11 +471,8 @@ def test_int8_step_overwrites_its_state_in_place(shape, kw):
         return optax.apply_updates(params, updates), state
 
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
-    size = math.prod(shape)
     copies = [
-        line
-        for line in text.compile().as_text().splitlines()
-        if " copy(" in line and math.prod(int(d) for d in _dims(line)) >= size
+        line for line in text.compile().as_text().splitlines() if " copy(" in line and _dims(line)
     ]
     assert not copies, copies
 
@@ -683,8 +684,8 @@ def test_large_leaves_run_their_loops_one_leaf_after_another(monkeypatch):
         and f"%{name}" in root_operands.split(", ")
     ]
     assert len(codes_a) == 1, codes_a
-    first_loops_of_b = [
-        operands.split(", ")
+    first_loops_of_b = [  # the operand names, before the fusion's attributes
+        re.findall(r"%[\w.-]+", operands.split("kind=", 1)[0])
         for _, _, op, operands in instructions
         if op == "fusion" and "%g__b__" in operands
     ]
