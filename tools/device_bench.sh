@@ -3,12 +3,12 @@
 # (a machine with python3, jax[cuda], optax, chex and torch already installed).
 # Each part is its own bench process with its own time limit, log and JSON under
 # $OUT, so a part that overruns costs only itself. Usage: bash tools/device_bench.sh [PARTS]
-set -u
+set -uo pipefail
 OUT=${OUT:-/tmp/device_bench}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 KERAS_BACKEND=jax
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|optax|chex|flax|torch|numpy) ' | tee -a "$OUT/gpu.txt"
+python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9a-z-]*|optax|chex|flax|torch|numpy) ' | tee -a "$OUT/gpu.txt"
 python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
 import jax, jax.numpy as jnp, numpy as np, rmsprop_jax as rj
 print("devices", jax.devices(), jax.devices()[0].device_kind)
