@@ -36,7 +36,7 @@ so with the state donated XLA overwrites the old codes and scales in place; an u
 reading the old codes (the unrounded new ``v``, bitsandbytes' order) made
 XLA copy them every step, and codes stored as blocks (2-D) made it copy the
 new ones: the codes keep the leaf's own shape (the plain step at 16M params
-in one leaf: 1.41x of the float32 floor with the copy, 1.17x to 1.35x without
+in one leaf: 1.41x of the float32 floor with the codes' copy, 1.17x to 1.35x without
 in three runs of ``python -m rmsprop_jax bench``). The range
 thus ends 15 to 16 octaves below the block's maximum. Each step moves the
 grid up by a random fraction of a code step (:func:`grid_shift`), which
@@ -403,6 +403,11 @@ def stored(x: jax.Array, shift: GridShift) -> tuple[QuantizedArray, jax.Array]:
     copy the old scales every step, one more kernel per leaf (A/B in one
     process, plain config: 3-10 % slower at 16M parameters in one leaf, 8-16 %
     in 160 leaves; the same within the noise in 16 leaves).
+
+    ``shift`` is the step's :func:`grid_shift` (``up`` below 2**(1/16): every
+    scale stays finite). A hand-made one whose ``up`` takes a scale past
+    float32's largest value (2 or more on a block near 2**127) makes that
+    scale NaN here, where :func:`quantize_step` alone gives inf.
     """
     q = quantize_step(x, shift)
     q = q._replace(block_scale=_fusion.computed_once(_after(q.block_scale, q.codes)))

@@ -127,11 +127,12 @@ def test_quantize_dequantize_round_trip(shape):
     assert np.all(back[x == scale] == x[x == scale])
 
 
-@pytest.mark.parametrize("shift", [1.0, 2 ** (-0.3 / 16), 2 ** (-0.999 / 16)])
+@pytest.mark.parametrize("shift", [1.0, 2 ** (-0.3 / 16), 2 ** (-0.999 / 16), 7, 12345])
 def test_quantize_step_against_a_numpy_reference(shift):
     """The step's encode: codes of x * shift against the power of two above each block's
     largest finite value, computed independently in NumPy (float64 logs, Q.encode of the
-    exact quotient)."""
+    exact quotient). An int is a step count: the step's own GridShift (its ``up`` from its
+    own exp2), through ``stored`` as the step calls it."""
     rng = np.random.default_rng(4)
     x = np.exp(rng.uniform(-40.0, 40.0, (64, 256))).astype(np.float32)
     x[0] = 0.0  # an all-zero block
@@ -140,15 +141,25 @@ def test_quantize_step_against_a_numpy_reference(shift):
     x[2, 5], x[2, 6], x[2, 7] = np.inf, np.nan, 0.0  # non-finite: the top code
     x[3] = np.float32(2.0**-120) * rng.uniform(1, 2, 256)  # tiny, still normal
     x[4, :] = 1e38  # near float32's largest value
-    shift32 = np.float32(shift)
-    q = Q.quantize_step(jnp.asarray(x).reshape(-1), jnp.float32(shift))
+    if isinstance(shift, int):
+        grid = Q.grid_shift(jnp.int32(shift))
+        shift32, up32 = np.float32(grid.down), np.float32(grid.up)
+        q = Q.quantize_step(jnp.asarray(x).reshape(-1), grid)
+        as_stored, read_back = jax.jit(Q.stored)(jnp.asarray(x).reshape(-1), grid)
+        np.testing.assert_array_equal(np.asarray(as_stored.codes), np.asarray(q.codes))
+        np.testing.assert_array_equal(np.asarray(as_stored.block_scale), q.block_scale)
+        np.testing.assert_array_equal(read_back, Q.dequantize(q, (x.size,)))
+    else:
+        shift32 = np.float32(shift)
+        up32 = np.float32(1) / shift32
+        q = Q.quantize_step(jnp.asarray(x).reshape(-1), jnp.float32(shift))
     y = x * shift32
     finite_max = np.where(np.isfinite(y) & (y > 0), y, 0).max(axis=1)
     power = np.where(
         finite_max > 0, 2.0 ** (np.floor(np.log2(np.maximum(finite_max, 1e-45))) + 1), 0.0
     ).astype(np.float32)
     expected_scale = np.where(
-        finite_max > 0, power / shift32, np.where(np.isinf(x).any(1), 2.0**127, 0.0)
+        finite_max > 0, power * up32, np.where(np.isinf(x).any(1), 2.0**127, 0.0)
     ).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(q.block_scale), expected_scale)
     quotient = np.divide(y, power[:, None], out=np.zeros_like(y), where=power[:, None] > 0)

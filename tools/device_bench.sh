@@ -2,7 +2,8 @@
 # The GPU half of `python -m rmsprop_jax bench`, as one call of the device tool
 # (a machine with python3, jax[cuda], optax, chex and torch already installed).
 # Each part is its own bench process with its own time limit, log and JSON under
-# $OUT, so a part that overruns costs only itself. Usage: bash tools/device_bench.sh [PARTS]
+# $OUT, so a part that overruns costs only itself (its JSON keeps the cases it finished:
+# the bench rewrites it after each case). Usage: bash tools/device_bench.sh [PARTS]
 set -uo pipefail
 OUT=${OUT:-/tmp/device_bench}
 mkdir -p "$OUT"

@@ -1063,7 +1063,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sizes /{QUICK_SHRINK}, leaves /{QUICK_LEAF_SHRINK}, 3 repeats, short measurements, "
         "no compile-time cases unless named in --cases (the whole run < 60 s on 2 cores)",
     )
-    parser.add_argument("--json", metavar="PATH", help="write every row (and the machine) as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every row (and the machine) as JSON, rewritten after each case "
+        '(environment "complete": false until the run ends)',
+    )
     parser.add_argument(
         "--cases",
         metavar="LIST",
@@ -1099,7 +1104,9 @@ def run(
     seed: int = 0,
     log: Callable[[str], None] = print,
     torch_threads: int | None = None,
+    on_case: Callable[[dict, list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict]]:
+    """Runs the cases; ``on_case(environment, rows so far)`` after each (case, config)."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     if torch_threads:
         try:
@@ -1158,6 +1165,8 @@ def run(
             case_rows = run_case(case, config, quick, repeats, target_s, seed, log)
             rows += case_rows
             log(f"[{case} {config}: {time.perf_counter() - t0:.1f} s]")
+            if on_case:
+                on_case(env, rows)
             gc.collect()
     env["total_seconds"] = time.perf_counter() - start
     env["loadavg_end"] = _loadavg()
@@ -1189,8 +1198,17 @@ def sparse_speedups(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _write_json(path: str, env: dict, rows: list[dict], complete: bool) -> None:
+    with open(path, "w") as f:
+        json.dump(
+            dict(environment={**env, "complete": complete}, rows=rows), f, indent=1, default=str
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     cases, configs = _parse_filter(args.cases)
+    # The rows so far are written after each case: a run stopped by a time limit keeps them.
+    save = (lambda env, rows: _write_json(args.json, env, rows, False)) if args.json else None
     env, rows = run(
         cases,
         configs,
@@ -1200,6 +1218,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         log=lambda s: print(s, flush=True),
         torch_threads=args.torch_threads,
+        on_case=save,
     )
     print(format_table(rows))
     print(
@@ -1217,6 +1236,5 @@ def main(args: argparse.Namespace) -> int:
         if r.get("donation_warning"):
             print(f"donation: {r['case']} {r['config']} {r['contender']}: {r['donation_warning']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=1, default=str)
+        _write_json(args.json, env, rows, True)
     return 0

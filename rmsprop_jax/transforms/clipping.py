@@ -130,6 +130,11 @@ def _p_norm(
     """
     if p == float("inf"):
         return _max_abs(arrays, over)
+    if p == 2 and over is _WHOLE and jax.device_count() == 1:
+        # Tiny leaves summed as one group: their reductions compile (and launch) as one. Not
+        # with several devices, where GSPMD may split a leaf and a concatenation would
+        # gather it every step (the branch below runs only on overflow).
+        arrays = _grouped_small_leaves(arrays, _TINY_LEAF)
     total = _power_sum(arrays, p, over)
     plain = _root(total, p) if plain is None else plain
 
@@ -173,28 +178,35 @@ def _overflowed_two_norm(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Arr
 #: The fallback concatenates leaves below this many elements, at most this many elements at once.
 _SMALL_LEAF = 2**16
 _GROUP_ELEMENTS = 2**20
+#: The plain sum of squares concatenates leaves below this many elements (see _p_norm).
+_TINY_LEAF = 2**11
 
 
-def _grouped_small_leaves(arrays: list[jax.Array]) -> list[jax.Array]:
-    """``arrays`` (at least float32) with consecutive small ones concatenated (as ``|x|``).
+def _grouped_small_leaves(arrays: list[jax.Array], small: int = _SMALL_LEAF) -> list[jax.Array]:
+    """``arrays`` (at least float32), consecutive ones below ``small`` elements concatenated (as ``|x|``).
 
-    Fewer kernels for XLA to compile: a branch of two reductions per leaf at
-    1000 leaves of 64 elements compiled several times slower. A group of small
-    leaves (at most 2**20 elements: 4 MB of temporaries, allocated whether or
-    not the branch runs) is concatenated in a tree of at most 16 operands per
+    Fewer kernels for XLA to compile and launch: XLA:CPU reduces a leaf in
+    three kernels (squares, partial sums, their sum). At 300 leaves of 64
+    elements the full config's step compiled in 2.1 s with its tiny leaves
+    summed in one group, 2.8 s with a sum per leaf (optax's chain: 2.4 s). The
+    plain sum groups leaves below 2048 elements (``_TINY_LEAF``): a
+    concatenation costs about 2.5 ns per element on XLA:CPU and a leaf's
+    kernels several microseconds, so 100 leaves of 1024 or 2048 elements step
+    faster grouped (0.91 against 1.03 ms, 1.08 against 1.18 ms) and 100 of
+    4000 slower (2.3 against 1.4 ms). The overflow branch, which never runs,
+    groups leaves below 2**16 elements. A group (at most 2**20 elements: 4 MB
+    of temporaries) is concatenated in a tree of at most 16 operands per
     concatenation (one of 1000 operands compiles about 3x slower; the ``abs``
     between the levels keeps XLA from merging them back into one); a large
-    leaf is reduced where it lies. Not across explicit-axis shardings that
-    differ: those do not concatenate.
+    leaf is reduced where it lies, and so is a leaf sharded over explicit mesh
+    axes (concatenating it would gather it).
     """
     arrays = [_at_least_float32(x) for x in arrays]
-    if len({jax.typeof(x).sharding for x in arrays}) > 1:
-        return arrays
     parts: list[jax.Array] = []
     group: list[jax.Array] = []
     group_size = 0
     for x in arrays:
-        if x.size >= _SMALL_LEAF:
+        if x.size >= small or _sharded_explicitly(x):
             parts.append(x)
             continue
         if group and group_size + x.size > _GROUP_ELEMENTS:
@@ -205,6 +217,11 @@ def _grouped_small_leaves(arrays: list[jax.Array]) -> list[jax.Array]:
     if group:
         parts.append(_concatenate_magnitudes(group))
     return parts
+
+
+def _sharded_explicitly(x: jax.Array) -> bool:
+    """True for an array split over explicit mesh axes (under GSPMD's automatic axes, False)."""
+    return any(axis is not None for axis in jax.typeof(x).sharding.spec)
 
 
 def _concatenate_magnitudes(flat: list[jax.Array], fan_in: int = 16) -> jax.Array:

@@ -1,5 +1,6 @@
 """``python -m rmsprop_jax bench`` runs and its JSON has every row (no timed assertions)."""
 
+import argparse
 import json
 import math
 import os
@@ -65,6 +66,7 @@ def test_bench_rows_for_every_contender_and_config(quick_run):
         assert "rj-contiguous" in by_name  # a row either way: measured, or n/a until it exists
         assert by_name["floor"]["floor_bytes_per_param"] == bench.FLOOR_BYTES[config][0]
     assert data["environment"]["cpu_count"] >= 1 and data["environment"]["devices"]
+    assert data["environment"]["complete"] is True
     assert "x floor" in stdout and "fusions" in stdout and "jax" in stdout
 
 
@@ -86,7 +88,30 @@ def test_state_bytes_and_per_leaf_floor(quick_run):
             config == "full"  # global norm: one reduction per leaf plus the sum
         )
         assert by_name["rj"]["passes"] <= by_name["floor-per-leaf"]["passes"]
-        assert by_name["rj-bf16"]["other_ops"] == 0  # no copies: the step reads v as stored
+        # No copies: the step reads v as stored (the global norm concatenates tiny leaves).
+        assert "copy" not in by_name["rj-bf16"]["other_op_kinds"]
+        for name in ("rj", "rj-bf16"):
+            assert set(by_name[name]["other_op_kinds"]) <= {"concatenate"}, by_name[name]
+        if config != "full":
+            assert by_name["rj"]["other_ops"] == by_name["rj-bf16"]["other_ops"] == 0
+
+
+def test_json_keeps_the_cases_done_when_a_run_is_stopped(tmp_path, monkeypatch):
+    """``--json`` is rewritten after each case, so a run stopped by a time limit keeps its rows."""
+    path = tmp_path / "rows.json"
+    done = [{"case": "16M/1", "config": "plain", "contender": "rj", "median_ms": 9.0}]
+
+    def stopped_after_one_case(*args, on_case=None, **kwargs):
+        on_case({"cpu_count": 2}, done)
+        raise KeyboardInterrupt  # as `timeout` stopping the process
+
+    monkeypatch.setattr(bench, "run", stopped_after_one_case)
+    args = argparse.Namespace(cases=None, quick=False, repeats=None, target_ms=None, seed=0)
+    args.torch_threads, args.json = None, str(path)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    data = json.loads(path.read_text())
+    assert data == {"environment": {"cpu_count": 2, "complete": False}, "rows": done}
 
 
 def test_floor_fuses_to_the_minimum_on_one_buffer(quick_run):

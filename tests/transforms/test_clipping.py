@@ -232,3 +232,40 @@ def test_overflow_branch_copies_no_large_leaf():
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
     leaf_bytes = 70_000 * 4  # XLA squares a leaf into a buffer before summing it (optax too)
     assert compiled.compile().memory_analysis().temp_size_in_bytes < 2 * leaf_bytes
+
+
+def _concatenations_outside_branches(fn, *args) -> int:
+    traced = jax.make_jaxpr(lambda *a: fn(*a))(*args)  # a new function: no cached trace
+    return sum(e.primitive.name == "concatenate" for e in traced.eqns)
+
+
+TINY = {f"b{i:02d}": jnp.linspace(-1.0, 1.0 + i, 64) for i in range(40)}
+
+
+def test_tiny_leaves_are_summed_as_one_group_on_one_device(monkeypatch):
+    """On one device the global norm concatenates leaves under 2048 elements (XLA:CPU reduces
+    each leaf in three kernels); with several devices, where GSPMD may split a leaf and the
+    concatenation would gather it every step, each leaf is summed where it lies."""
+    assert jax.device_count() == 1
+    assert _concatenations_outside_branches(rj.global_norm, TINY) > 0
+    np.testing.assert_allclose(rj.global_norm(TINY), _np_norm(TINY), rtol=1e-6)
+    large = {"w": jnp.ones((2048,)), "v": jnp.ones((4096,))}  # at and above the size: alone
+    assert _concatenations_outside_branches(rj.global_norm, large) == 0
+    monkeypatch.setattr(jax, "device_count", lambda *a: 4)
+    assert _concatenations_outside_branches(rj.global_norm, TINY) == 0
+    np.testing.assert_allclose(rj.global_norm(TINY), _np_norm(TINY), rtol=1e-6)
+
+
+def test_explicitly_sharded_leaves_are_never_concatenated():
+    """A leaf split over explicit mesh axes is reduced where it lies (a concatenation would
+    gather it), in the plain sum and in the overflow branch alike."""
+    from jax.sharding import AxisType, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        tree = {k: jax.device_put(v, PartitionSpec("d")) for k, v in TINY.items()}
+        jaxpr = jax.make_jaxpr(rj.global_norm)(tree)
+        assert "concatenate" not in str(jaxpr)
+        np.testing.assert_allclose(jax.jit(rj.global_norm)(tree), _np_norm(TINY), rtol=1e-6)
+        replicated = {k: jax.device_put(v, PartitionSpec()) for k, v in TINY.items()}
+        assert _concatenations_outside_branches(rj.global_norm, replicated) > 0
