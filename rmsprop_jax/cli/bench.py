@@ -503,7 +503,7 @@ def make_floor_per_leaf(config: str, host_params: list, grad_sets: list) -> Cont
 
     states = [_floor_state(config, p) for p in host_params]
     batches = [[jnp.asarray(g) for g in grads] for grads in grad_sets]
-    label = "the floor's program on each leaf: the fewest kernels a per-leaf state compiles to"
+    label = "the floor's program on each leaf (a sum of squares per leaf for the global norm)"
     return _jax_contender("floor-per-leaf", label, step, states, batches)
 
 
