@@ -126,7 +126,10 @@ def _p_norm(
     for other p as ``m * root(sum(|x / m|^p))`` with ``m = max |x|``; a
     non-finite input keeps the plain (inf / NaN) result, as Keras and PyTorch.
     ``over`` reduces: the whole tensors, or (a ``Segments``) each leaf's
-    segment of a flat buffer, giving one norm per leaf.
+    segment of a flat buffer, giving one norm per leaf. For p = 2 over whole
+    tensors on one device, leaves under 2048 elements are summed as one group
+    (:func:`_grouped_small_leaves`): the sum's order, and so its last bits,
+    differ from a sum per leaf.
     """
     if p == float("inf"):
         return _max_abs(arrays, over)
