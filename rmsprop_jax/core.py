@@ -426,6 +426,8 @@ def rmsprop_update(
         # The codes of the last 8-bit leaf large enough to be ordered after (see
         # quantization.ordered_after): a one-element list, rebound as leaves are traced.
         previous_codes: list[jax.Array] = []
+        # The step's grid shift, traced once for all 8-bit leaves (a one-element list).
+        step_shift: list[quantization.GridShift] = []
 
         def leaf(path, g, v, a, m):
             if g is None:
@@ -438,7 +440,9 @@ def rmsprop_update(
                 )
             if isinstance(v, quantization.QuantizedArray):  # 8-bit v: float32 arithmetic
                 quantization.check_dense_gradient(g, _trees.path_name(path))
-                shift = quantization.grid_shift(state.count)
+                if not step_shift:
+                    step_shift.append(quantization.grid_shift(state.count))
+                shift = step_shift[0]
                 ordered = quantization.is_ordered_size(math.prod(jnp.shape(g)))
                 if ordered and previous_codes:
                     shift = quantization.ordered_after(shift, previous_codes.pop())
