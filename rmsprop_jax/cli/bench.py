@@ -1199,10 +1199,13 @@ def sparse_speedups(rows: list[dict]) -> list[str]:
 
 
 def _write_json(path: str, env: dict, rows: list[dict], complete: bool) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary file and renamed: a run stopped mid-write keeps the last file."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
         json.dump(
             dict(environment={**env, "complete": complete}, rows=rows), f, indent=1, default=str
         )
+    os.replace(partial, path)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -112,6 +112,7 @@ def test_json_keeps_the_cases_done_when_a_run_is_stopped(tmp_path, monkeypatch):
         bench.main(args)
     data = json.loads(path.read_text())
     assert data == {"environment": {"cpu_count": 2, "complete": False}, "rows": done}
+    assert [f.name for f in tmp_path.iterdir()] == ["rows.json"]  # written aside, then renamed
 
 
 def test_floor_fuses_to_the_minimum_on_one_buffer(quick_run):

@@ -246,7 +246,7 @@ def test_tiny_leaves_are_summed_as_one_group_on_one_device(monkeypatch):
     """On one device the global norm concatenates leaves under 2048 elements (XLA:CPU reduces
     each leaf in three kernels); with several devices, where GSPMD may split a leaf and the
     concatenation would gather it every step, each leaf is summed where it lies."""
-    assert jax.device_count() == 1
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)  # also under forced host devices
     assert _concatenations_outside_branches(rj.global_norm, TINY) > 0
     np.testing.assert_allclose(rj.global_norm(TINY), _np_norm(TINY), rtol=1e-6)
     large = {"w": jnp.ones((2048,)), "v": jnp.ones((4096,))}  # at and above the size: alone
@@ -269,3 +269,30 @@ def test_explicitly_sharded_leaves_are_never_concatenated():
         np.testing.assert_allclose(jax.jit(rj.global_norm)(tree), _np_norm(TINY), rtol=1e-6)
         replicated = {k: jax.device_put(v, PartitionSpec()) for k, v in TINY.items()}
         assert _concatenations_outside_branches(rj.global_norm, replicated) > 0
+
+
+def test_overflowing_norms_of_one_element_arrays_are_right():
+    """XLA rewrites a one-element (x * 2**-80)**2 as x*x * 2**-160, and 2**-160 is 0 in
+    float32: the overflow branch squares a one-element array behind a barrier (it gave NaN /
+    inf, so a clipped gradient of 1e25 became NaN or 0)."""
+    tree = {"w": jnp.full((70_000,), 1e25), "s": jnp.float32(1e25)}
+    np.testing.assert_allclose(jax.jit(rj.global_norm)(tree), _np_norm(tree), rtol=1e-6)
+    clipped, _ = jax.jit(rj.clip_by_norm(1.0).update)({"s": jnp.float32(1e25)}, None)
+    assert float(clipped["s"]) == pytest.approx(1.0, rel=1e-6)
+    params = {"s": jnp.float32(1.0)}
+    for kw in ({"clipnorm": 1.0}, {"global_clipnorm": 1.0}):  # flat buffers of one element
+        tx, flat = rj.rmsprop(1e-3, **kw), rj.contiguous(rj.rmsprop(1e-3, **kw))
+        want, _ = jax.jit(tx.update)({"s": jnp.float32(1e25)}, tx.init(params), params)
+        got, _ = jax.jit(flat.update)({"s": jnp.float32(1e25)}, flat.init(params), params)
+        assert float(want["s"]) == pytest.approx(-1e-3 / np.sqrt(0.1), rel=1e-5), kw
+        assert float(got["s"]) == pytest.approx(float(want["s"]), rel=1e-6), kw
+
+
+def test_overflow_branch_groups_leaves_of_different_ranks(monkeypatch):
+    """The branch concatenates small leaves whatever their rank (inside jit their abstract
+    shardings differ in length: comparing those kept every leaf apart)."""
+    monkeypatch.setattr(jax, "device_count", lambda *a: 4)  # no group in the plain sum
+    tree = {"b": jnp.full((8,), 1e25), "w": jnp.full((2, 4), 1e25), "s": jnp.float32(1e25)}
+    assert _concatenations_outside_branches(rj.global_norm, tree) == 0
+    assert "concatenate" in str(jax.make_jaxpr(lambda t: rj.global_norm(t))(tree))
+    np.testing.assert_allclose(jax.jit(rj.global_norm)(tree), _np_norm(tree), rtol=1e-6)
