@@ -162,6 +162,8 @@ def _p_norm(
 
 
 _OVERFLOW_SCALE = 2.0**-80
+#: float64's: its squares overflow above |x| ~ 1.3e154, and 2**-600 keeps them below 2**850.
+_OVERFLOW_SCALE_FLOAT64 = 2.0**-600
 
 
 def _overflowed_two_norm(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Array:
@@ -173,13 +175,21 @@ def _overflowed_two_norm(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Arr
     add less than ``n * 2**-94`` of the norm's square. One pass, no maximum
     and no division. Small leaves are concatenated in groups (the branch then
     compiles to fewer kernels); a large leaf is reduced alone (no copy of it).
+    With a float64 array (jax x64) everything is summed in float64, scaled by
+    2**-600 (the norm is then at least 2**511; no square exceeds 2**850).
     """
-    scaled = [part * _OVERFLOW_SCALE for part in _grouped_small_leaves(arrays)]
+    parts = _grouped_small_leaves(arrays)
+    scale = _OVERFLOW_SCALE
+    if any(jnp.finfo(x.dtype).bits > 32 for x in parts):
+        wide = [jnp.promote_types(x.dtype, jnp.float64) for x in parts]
+        parts = [x.astype(dtype) for x, dtype in zip(parts, wide)]
+        scale = _OVERFLOW_SCALE_FLOAT64
+    scaled = [part * scale for part in parts]
     # XLA rewrites a one-element (x*s)*(x*s) as (x*x)*(s*s), and s*s = 2**-160 is 0 in float32:
     # behind a barrier the scaled value is squared as it is.
     scaled = [jax.lax.optimization_barrier(y) if y.size == 1 else y for y in scaled]
     total = sum(over.sum(abs_sq(y)) for y in scaled)
-    return jnp.sqrt(total) / _OVERFLOW_SCALE
+    return jnp.sqrt(total) / scale
 
 
 #: The fallback concatenates leaves below this many elements, at most this many elements at once.

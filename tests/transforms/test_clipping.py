@@ -296,3 +296,18 @@ def test_overflow_branch_groups_leaves_of_different_ranks(monkeypatch):
     assert _concatenations_outside_branches(rj.global_norm, tree) == 0
     assert "concatenate" in str(jax.make_jaxpr(lambda t: rj.global_norm(t))(tree))
     np.testing.assert_allclose(jax.jit(rj.global_norm)(tree), _np_norm(tree), rtol=1e-6)
+
+
+def test_overflowing_float64_norms_are_right():
+    """With jax x64, a float64 norm whose squares overflow float64 (|x| above ~1.3e154) is
+    recomputed in float64 with a float64 scale (2**-80 left them overflowing: NaN after
+    Keras' global clip)."""
+    with jax.enable_x64(True):
+        tree = {"a": jnp.full((3,), 1e200), "b": jnp.ones(5, jnp.float32), "s": jnp.float64(1e200)}
+        norm = jax.jit(rj.global_norm)(tree)
+        assert norm.dtype == jnp.float64
+        np.testing.assert_allclose(norm, 2e200, rtol=1e-12)
+        clipped, _ = jax.jit(rj.clip_by_global_norm(1.0).update)(tree, None)
+        np.testing.assert_allclose(clipped["a"], 0.5, rtol=1e-12)
+        per_tensor, _ = jax.jit(rj.clip_by_norm(1.0).update)({"s": jnp.float64(1e300)}, None)
+        assert float(per_tensor["s"]) == pytest.approx(1.0, rel=1e-12)
