@@ -181,8 +181,7 @@ def _overflowed_two_norm(arrays: list[jax.Array], over: Any = _WHOLE) -> jax.Arr
     parts = _grouped_small_leaves(arrays)
     scale = _OVERFLOW_SCALE
     if any(jnp.finfo(x.dtype).bits > 32 for x in parts):
-        wide = [jnp.promote_types(x.dtype, jnp.float64) for x in parts]
-        parts = [x.astype(dtype) for x, dtype in zip(parts, wide)]
+        parts = [x.astype(jnp.promote_types(x.dtype, jnp.float64)) for x in parts]
         scale = _OVERFLOW_SCALE_FLOAT64
     scaled = [part * scale for part in parts]
     # XLA rewrites a one-element (x*s)*(x*s) as (x*x)*(s*s), and s*s = 2**-160 is 0 in float32:
