@@ -319,7 +319,10 @@ def contiguous(
         new_state = ContiguousState(inner_state, layout)
         if isinstance(updates, FlatParams):
             return new_flat, new_state
-        return unflatten(layout, new_flat.buffers, context.present), new_state
+        return (
+            unflatten(layout, new_flat.buffers, context.present, for_output=True),
+            new_state,
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

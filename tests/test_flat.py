@@ -524,3 +524,77 @@ def test_contiguous_transform_pickles_with_cloudpickle():
         clone.update(SMALL_G, clone.init(SMALL_P), SMALL_P),
         tx.update(SMALL_G, tx.init(SMALL_P), SMALL_P),
     )
+
+
+# --------------------------------------------------------------------------- many small leaves
+# On XLA:CPU with one device, small leaves are concatenated and split in runs
+# (rmsprop_jax/_flat_buffers.py), so that the compiled step has one kernel per
+# run shape instead of one per leaf. These tests pin the values (bit for bit)
+# and the program's shape; the compile time itself is `python -m rmsprop_jax
+# bench --cases 10x64,1000x64`.
+
+RUN_SIZES = [64] * 37 + [5000, 0, 3, 64, 2048, 2047, 1] + [64] * 20
+
+
+def _bits(x) -> bytes:
+    return np.asarray(x).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_runs_concatenate_and_split_bit_for_bit(dtype):
+    from rmsprop_jax._flat_buffers import _concatenate, _split
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(n) * 100 for n in RUN_SIZES]
+    if dtype != "int32":  # signed zeros and NaN payloads survive a copy, not arithmetic
+        parts[0][:3] = [-0.0, np.nan, -np.inf]
+    parts = [jnp.asarray(p, dtype) for p in parts]
+    joined = jax.jit(_concatenate)(parts)
+    assert _bits(joined) == _bits(np.concatenate([np.asarray(p) for p in parts]))
+    pieces = jax.jit(lambda x: _split(x, RUN_SIZES))(joined)
+    assert [_bits(p) for p in pieces] == [_bits(p) for p in parts]
+
+
+def _step_hlo(n_leaves: int) -> str:
+    params = {f"l{i:03d}": jnp.full((64,), 0.5 + i) for i in range(n_leaves)}
+    tx = rj.contiguous(rj.rmsprop(1e-3, weight_decay=0.1))
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
+    return step.lower(params, tx.init(params), params).compile().as_text()
+
+
+def _static_slices_and_concatenate_width(hlo: str) -> tuple[set, int]:
+    import re
+
+    slices = set(re.findall(r"slice=\{\[(\d+):(\d+)\]\}", hlo))
+    widths = [args.count("%") for args in re.findall(r" concatenate\(([^)]*)\)", hlo)]
+    return slices, max(widths)
+
+
+def test_many_small_leaves_are_cut_and_joined_in_runs(monkeypatch):
+    from rmsprop_jax._flat_buffers import _RUN
+
+    slices, width = _static_slices_and_concatenate_width(_step_hlo(80))
+    # Pieces are cut inside a run (the run's offset is a runtime value), so every
+    # static slice lies in the first run's span, and no concatenate joins more than a run.
+    assert slices and max(int(stop) for _, stop in slices) <= _RUN * 64
+    assert len(slices - {("0", "1")}) <= _RUN  # [0:1]: the element the cond's predicate reads
+    assert width <= _RUN
+    # With several devices, plain slices and one concatenate (the partitioner must see offsets).
+    monkeypatch.setattr(jax, "device_count", lambda *a: 4)
+    slices, width = _static_slices_and_concatenate_width(_step_hlo(80))
+    assert max(int(stop) for _, stop in slices) == 80 * 64
+    assert width == 80
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_runs_are_only_for_cpu(platform):
+    params = {f"l{i:02d}": jnp.ones(64) for i in range(40)}
+    tx = rj.contiguous(rj.rmsprop(1e-3))
+    step = jax.jit(lambda g, s: tx.update(g, s)[0])
+
+    def lowered(platforms):
+        return jax.export.export(step, platforms=platforms)(params, tx.init(params)).mlir_module()
+
+    for op in ("stablehlo.dynamic_slice", "optimization_barrier"):
+        assert op in lowered(["cpu"])
+        assert op not in lowered([platform])

@@ -47,11 +47,12 @@ The compile-time cases ``10x64``, ``300x64`` and ``1000x64`` (10, 300 and
 1,000 leaves of 64 elements, config ``full`` only; contenders ``floor``, ``rj``,
 ``rj-contiguous``, ``rj-contiguous-flat`` and ``optax``) are there for the
 ``compile s`` column: seconds for XLA to compile one jitted step (tracing
-and lowering excluded), shown for every JAX contender of every case. XLA:CPU
-compiles every kernel on its own, so a per-leaf optimizer's compile time
-grows with its leaves, and so does that of ``rj-contiguous`` on a tree,
-which hands back one array (one kernel) per leaf. ``--quick`` leaves these
-cases out unless ``--cases`` names them.
+and lowering excluded), shown for every JAX contender of every case. XLA
+runs its passes over every kernel, so a per-leaf optimizer's compile time
+grows with its leaves, and so, more slowly, does that of ``rj-contiguous``
+on a tree, which concatenates the leaves and hands back one array per leaf
+(in kernels shared by runs of leaves of the same sizes). ``--quick`` leaves
+these cases out unless ``--cases`` names them.
 
 The floor's bytes are the config's minimum (:data:`FLOOR_BYTES`); XLA:CPU
 does not fuse sibling outputs into one loop, so the compiled floor itself
