@@ -235,7 +235,7 @@ def _concatenate(parts: list) -> jax.Array:
     The runs stay separate behind ``lax.optimization_barrier``.
     """
     runs = _runs([int(np.size(p)) for p in parts])
-    if len(runs) == len(parts):
+    if len(runs) in (1, len(parts)):  # one run, or no run of two: nothing to share
         return jnp.concatenate(parts)
 
     def on_cpu(*parts):
@@ -258,7 +258,7 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
     """
     starts = np.cumsum([0, *sizes])
     runs = _runs(sizes)
-    if len(sizes) == 1 or buffer.size == 0 or buffer.size >= 2**31:
+    if len(runs) == 1 or buffer.size == 0 or buffer.size >= 2**31:  # one run: nothing to share
         return jnp.split(buffer, starts[1:-1])
 
     def offsets():
