@@ -200,9 +200,9 @@ def concat(layout: Layout, leaves: list) -> tuple:
 # (1.8 s to compile 1000 parts of 64 elements), and a slice at a constant
 # offset is a kernel of its own (7.8 s for 1000 slices). So on CPU with one
 # device, small leaves travel in runs of ``_RUN``: a run is concatenated first,
-# and split out of a piece cut at a runtime offset (a large leaf is such a
-# piece alone); runs of the same sizes then share their code (0.46 s and 0.57 s
-# for the same 1000 leaves). The values are the plain ops' bit for bit.
+# and split out of a piece cut at a runtime offset; runs of the same sizes
+# then share their code (0.46 s and 0.57 s for the same 1000 leaves). Both are
+# copies: the buffers and pieces are the plain ops' bit for bit.
 
 # Leaves under this many elements travel in runs (copied twice, which costs
 # less than the kernels saved); larger ones alone.
@@ -223,7 +223,8 @@ def _runs(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 def _on_cpu(fallback: Callable, on_cpu: Callable, *operands):
-    """``on_cpu(*operands)`` when lowered for CPU on a single device, else ``fallback``."""
+    """``on_cpu(*operands)`` when lowered for CPU while the default backend has one device
+    (counted at trace time), else ``fallback``."""
     if jax.device_count() != 1:
         return fallback(*operands)
     return jax.lax.platform_dependent(*operands, cpu=on_cpu, default=fallback)
@@ -249,25 +250,33 @@ def _concatenate(parts: list) -> jax.Array:
 def _split(buffer: jax.Array, sizes: list[int]) -> list:
     """``jnp.split`` of ``buffer`` into pieces of ``sizes``; on CPU, through runs (see above).
 
-    Each run is a ``dynamic_slice`` at an offset that comes out of a
-    ``lax.cond`` with two identical branches, so that XLA cannot fold it into
-    the kernels (its predicate, ``x[0] != x[0]``, reads one element); the
+    Each run of small pieces is a ``dynamic_slice`` at an offset that comes out
+    of a ``lax.cond`` with two identical branches, so that XLA cannot fold it
+    into the kernels (its predicate, ``x[0] != x[0]``, reads one element); the
     pieces are static slices of the run, at the same offsets in every run of
-    the same sizes. Not for differentiating: the transpose of a
-    ``dynamic_slice`` is a ``dynamic_update_slice`` into zeros.
+    the same sizes. A large piece is a static slice (a dynamic one would make
+    XLA write the whole buffer before copying it out). Differentiable, but the
+    transpose of a ``dynamic_slice`` is a ``dynamic_update_slice`` into zeros:
+    code to differentiate through uses ``lax.split`` (one concatenate).
     """
     starts = np.cumsum([0, *sizes])
     runs = _runs(sizes)
-    if len(runs) == 1 or buffer.size == 0 or buffer.size >= 2**31:  # one run: nothing to share
+    # Nothing to share; no element for the predicate; offsets beyond int32.
+    if len(runs) in (1, len(sizes)) or buffer.size == 0 or buffer.size >= 2**31:
         return jnp.split(buffer, starts[1:-1])
+    small = [(a, b) for a, b in runs if sizes[a] < _SMALL_PIECE]
 
     def offsets():
-        return tuple(np.int32(starts[a]) for a, _ in runs)
+        return tuple(np.int32(starts[a]) for a, _ in small)
 
     def on_cpu(x):
+        at = dict(zip(small, jax.lax.cond(x[0] != x[0], offsets, offsets)))
         pieces = []
-        for offset, (a, b) in zip(jax.lax.cond(x[0] != x[0], offsets, offsets), runs):
-            run = jax.lax.dynamic_slice(x, (offset,), (int(starts[b] - starts[a]),))
+        for a, b in runs:
+            if (a, b) not in at:
+                pieces.append(x[starts[a] : starts[b]])
+                continue
+            run = jax.lax.dynamic_slice(x, (at[a, b],), (int(starts[b] - starts[a]),))
             pieces += jnp.split(run, starts[a + 1 : b] - starts[a]) if b - a > 1 else [run]
         return pieces
 

@@ -536,23 +536,79 @@ def test_contiguous_transform_pickles_with_cloudpickle():
 RUN_SIZES = [64] * 37 + [5000, 0, 3, 64, 2048, 2047, 1] + [64] * 20
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+    """The runs are for one device (also when the suite forces several host devices)."""
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+
+
 def _bits(x) -> bytes:
     return np.asarray(x).tobytes()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
-def test_runs_concatenate_and_split_bit_for_bit(dtype):
+def test_runs_group_up_to_16_small_leaves_and_leave_large_ones_alone():
+    from rmsprop_jax._flat_buffers import _runs
+
+    assert _runs([64] * 20 + [5000] + [64] * 3 + [2047, 2048]) == [
+        (0, 16), (16, 20), (20, 21), (21, 25), (25, 26)
+    ]  # fmt: skip
+    assert _runs([0] * 17) == [(0, 16), (16, 17)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "complex64"])
+def test_runs_concatenate_and_split_bit_for_bit(one_device, dtype):
     from rmsprop_jax._flat_buffers import _concatenate, _split
 
     rng = np.random.default_rng(0)
     parts = [rng.standard_normal(n) * 100 for n in RUN_SIZES]
-    if dtype != "int32":  # signed zeros and NaN payloads survive a copy, not arithmetic
-        parts[0][:3] = [-0.0, np.nan, -np.inf]
+    parts[0][:3] = [-0.0, np.nan, -np.inf]  # signed zeros and NaN survive a copy, not arithmetic
     parts = [jnp.asarray(p, dtype) for p in parts]
-    joined = jax.jit(_concatenate)(parts)
+    concatenate = jax.jit(_concatenate)
+    assert "optimization_barrier" in concatenate.lower(parts).as_text()  # the runs' path
+    joined = concatenate(parts)
     assert _bits(joined) == _bits(np.concatenate([np.asarray(p) for p in parts]))
-    pieces = jax.jit(lambda x: _split(x, RUN_SIZES))(joined)
+    split = jax.jit(lambda x: _split(x, RUN_SIZES))
+    assert "dynamic_slice" in split.lower(joined).as_text()
+    pieces = split(joined)
     assert [_bits(p) for p in pieces] == [_bits(p) for p in parts]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_contiguous_step_through_runs_is_the_plain_ops_step(one_device, monkeypatch, momentum):
+    from rmsprop_jax import _flat_buffers
+
+    rng = np.random.default_rng(3)
+    sizes = [64] * 30 + [3, 5000] + [17] * 20 + [(4, 3)] * 10
+    params = {f"l{i:02d}": jnp.asarray(rng.standard_normal(n)) for i, n in enumerate(sizes)}
+    grads = {k: jnp.asarray(rng.standard_normal(p.shape)) for k, p in params.items()}
+    grads["l05"] = None
+    options = dict(momentum=momentum, weight_decay=0.1, global_clipnorm=1.0)
+    tx = rj.contiguous(rj.rmsprop(1e-2, **options))
+
+    def two_steps():
+        state = tx.init(params)
+        step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+        first, state = step(grads, state, params)
+        return first, step(grads, state, params)
+
+    through_runs = two_steps()
+    assert (
+        "dynamic_slice"
+        in jax.jit(lambda g, s, p: tx.update(g, s, p))
+        .lower(grads, tx.init(params), params)
+        .as_text()
+    )
+    monkeypatch.setattr(
+        _flat_buffers, "_on_cpu", lambda fallback, _, *operands: fallback(*operands)
+    )
+    plain = two_steps()
+    # The runs are copies (bit for bit above), but XLA may fuse the step's arithmetic
+    # into other loops and round differently in the last bits (momentum=0: most leaves).
+    check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
+    jax.tree.map(check, through_runs, plain)
+    per_leaf = rj.rmsprop(1e-2, **options)
+    want, _ = per_leaf.update(grads, per_leaf.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6), through_runs[0], want)
 
 
 def _step_hlo(n_leaves: int) -> str:
@@ -570,7 +626,8 @@ def _static_slices_and_concatenate_width(hlo: str) -> tuple[set, int]:
     return slices, max(widths)
 
 
-def test_many_small_leaves_are_cut_and_joined_in_runs(monkeypatch):
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the runs are for XLA:CPU")
+def test_many_small_leaves_are_cut_and_joined_in_runs(one_device, monkeypatch):
     from rmsprop_jax._flat_buffers import _RUN
 
     slices, width = _static_slices_and_concatenate_width(_step_hlo(80))
@@ -587,7 +644,7 @@ def test_many_small_leaves_are_cut_and_joined_in_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_runs_are_only_for_cpu(platform):
+def test_runs_are_only_for_cpu(one_device, platform):
     params = {f"l{i:02d}": jnp.ones(64) for i in range(40)}
     tx = rj.contiguous(rj.rmsprop(1e-3))
     step = jax.jit(lambda g, s: tx.update(g, s)[0])
