@@ -69,6 +69,14 @@ repeats. For the JAX contenders the compiled HLO is inspected: ``fusion``
 instructions in the module, other array-valued top-level instructions,
 ``bytes accessed`` from ``cost_analysis()`` and temp / peak bytes from
 ``memory_analysis()`` (peak = argument + output + temp - aliased).
+
+Column ``faults/step``: the process's minor page faults per step over the timed
+measurements (``getrusage``, median over the repeats; empty where the platform
+has no ``resource`` module). XLA:CPU allocates a step's temporaries afresh in
+every call and the OS maps them page by page as they are first written, so a
+step with parameter-sized temporaries pays for them here as well as in bytes:
+4 KB pages make 256 faults per MB, fewer where the allocator gets transparent
+huge pages (see the README's section on ``rj.contiguous``).
 """
 
 from __future__ import annotations
@@ -386,14 +394,29 @@ class Contender:
     stats: dict[str, Any] = field(default_factory=dict)
     ratio_to: str = "floor"
     times: list[float] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)  # minor page faults per step
     k: int = 1
+    last_faults: int | None = None  # minor page faults of the last ``run``
 
     def run(self, k: int) -> float:
+        faults = _minor_faults()
         start = time.perf_counter()
         for _ in range(k):
             self.step()
         self.sync()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        after = _minor_faults()
+        self.last_faults = None if faults is None or after is None else after - faults
+        return seconds
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (``None`` without the ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _jax_contender(
@@ -833,6 +856,8 @@ def measure(contenders: list[Contender], repeats: int, target_s: float) -> None:
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for c in order:
                 c.times.append(c.run(c.k) / c.k)
+                if c.last_faults is not None:
+                    c.faults.append(c.last_faults / c.k)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -861,6 +886,8 @@ def _row(case, n, leaves, config, c: Contender | None, name, status, note, floor
             ratio_to=c.ratio_to,
             ratio=(ms / ref) if ref else None,
         )
+        if c.faults:
+            row["page_faults_per_step"] = statistics.median(c.faults)
         if c.ratio_to != "floor" and floor_ms.get("floor"):
             row["ratio_to_dense_floor"] = ms / floor_ms["floor"]
     if c is not None:  # what compiling showed (compile time, HLO), measured or not
@@ -992,6 +1019,7 @@ def format_table(rows: list[dict]) -> str:
         "state B/param",
         "temp MB",
         "peak MB",
+        "faults/step",
         "compile s",
     )
     lines = [header]
@@ -1016,11 +1044,12 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r.get("state_bytes_per_param"), ".3f"),
                 _fmt(r["temp_bytes"] / 2**20 if "temp_bytes" in r else None, ".1f"),
                 _fmt(r["peak_bytes"] / 2**20 if "peak_bytes" in r else None, ".1f"),
+                _fmt(r.get("page_faults_per_step"), ".0f"),
                 _fmt(r.get("compile_s"), ".2f"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14}
+    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15}
     out = [
         "  ".join(
             cell.rjust(w) if i in right else cell.ljust(w)
@@ -1232,7 +1261,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         "x floor: median / median of the floor row (sparse rows: of floor-sparse); passes: fusions "
         "that read or write an array; HLO B/param: cost_analysis bytes accessed / params; "
-        "peak MB: argument + output + temp - aliased (memory_analysis)"
+        "peak MB: argument + output + temp - aliased (memory_analysis); faults/step: minor page "
+        "faults of the process per step (fresh temporaries are mapped page by page)"
     )
     for line in sparse_speedups(rows):
         print(line)

@@ -173,3 +173,21 @@ def test_contiguous_contender_is_measured():
     assert contender.name == "rj-contiguous"
     assert contender.run(3) > 0
     assert isinstance(contender.stats["fusions"], int) and contender.stats["passes"] >= 1
+
+
+def test_page_faults_per_step_count_fresh_temporaries():
+    """``faults/step``: a step that writes a fresh 64 MB array (mapped anew by the OS in every
+    step: above glibc's largest mmap threshold, 32 MB) against one that writes a kept array."""
+    import numpy as np
+
+    kept = np.zeros(2**24, np.float32)
+    fresh = bench.Contender("fresh", "", lambda: np.ones(2**24, np.float32), lambda: None)
+    reused = bench.Contender("reused", "", lambda: kept.fill(1.0), lambda: None)
+    bench.measure([fresh, reused], repeats=3, target_s=0.02)
+    rows = [bench._row("x", 2**24, 1, "plain", c, c.name, "ok", "", {}) for c in (fresh, reused)]
+    # 64 MB is 16,384 pages of 4 KB, or 32 huge pages of 2 MB where numpy gets them
+    assert rows[0]["page_faults_per_step"] >= 32
+    assert rows[1]["page_faults_per_step"] < rows[0]["page_faults_per_step"] / 8
+    table = bench.format_table(rows).splitlines()
+    assert "faults/step" in table[0]
+    assert f"{rows[0]['page_faults_per_step']:.0f}" in table[2]
