@@ -76,7 +76,10 @@ has no ``resource`` module). XLA:CPU allocates a step's temporaries afresh in
 every call and the OS maps them page by page as they are first written, so a
 step with parameter-sized temporaries pays for them here as well as in bytes:
 4 KB pages make 256 faults per MB, fewer where the allocator gets transparent
-huge pages (see the README's section on ``rj.contiguous``).
+huge pages (see the README's section on ``rj.contiguous``). The contenders
+share one allocator: a temporary under glibc's largest mmap threshold (32 MB)
+may be reused from its heap or mapped afresh, depending on what the other
+contenders allocated and freed before it.
 """
 
 from __future__ import annotations
