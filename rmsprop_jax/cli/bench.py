@@ -399,18 +399,13 @@ class Contender:
     times: list[float] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)  # minor page faults per step
     k: int = 1
-    last_faults: int | None = None  # minor page faults of the last ``run``
 
     def run(self, k: int) -> float:
-        faults = _minor_faults()
         start = time.perf_counter()
         for _ in range(k):
             self.step()
         self.sync()
-        seconds = time.perf_counter() - start
-        after = _minor_faults()
-        self.last_faults = None if faults is None or after is None else after - faults
-        return seconds
+        return time.perf_counter() - start
 
 
 def _minor_faults() -> int | None:
@@ -858,9 +853,11 @@ def measure(contenders: list[Contender], repeats: int, target_s: float) -> None:
         for r in range(repeats):
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for c in order:
+                before = _minor_faults()
                 c.times.append(c.run(c.k) / c.k)
-                if c.last_faults is not None:
-                    c.faults.append(c.last_faults / c.k)
+                after = _minor_faults()
+                if before is not None and after is not None:
+                    c.faults.append((after - before) / c.k)
     finally:
         if gc_was_enabled:
             gc.enable()
