@@ -303,16 +303,38 @@ def _as_grid_shift(shift: GridShift | jax.Array | float) -> GridShift:
     return GridShift(down=down, up=1 / down)
 
 
-# The step's uint8 intermediate: a value's float32 exponent byte, except 0 for zero (and
-# subnormals, which XLA:CPU flushes) and 1 for a non-finite value (finite values get >= 2).
+# The step's uint8 intermediate, each value's exponent field plus one (its scale's exponent
+# field), the non-finite and zero fields moved below the finite ones: 0 for zero (and
+# subnormals, which XLA:CPU flushes), 1 for a non-finite value, e + 1 for a finite one (>= 2).
 _EXPONENT_NON_FINITE = 1
-_LARGEST_SCALE_EXPONENT = 253  # a scale of 2**127 at most: 2 ** (253 - 126)
+_LARGEST_SCALE_EXPONENT = 254  # a scale of 2**127 at most
+_FINITE_BITS = 0x7FFFFFFF  # all bits but the sign: a NaN's sign is arbitrary
 
 
-def _exponent_bytes(blocks: jax.Array) -> jax.Array:
-    exponent = jax.lax.bitcast_convert_type(blocks, jnp.int32) >> 23
-    finite = jnp.where(blocks > 0, jnp.maximum(exponent, 2), 0)
-    return jnp.where(jnp.isfinite(blocks), finite, _EXPONENT_NON_FINITE).astype(jnp.uint8)
+def _exponent_bytes(values: jax.Array) -> jax.Array:
+    """The uint8 intermediate of each non-negative float32 value, in integer operations only."""
+    magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
+    above = jax.lax.shift_right_logical(magnitude, 23).astype(jnp.uint8) + jnp.uint8(1)  # 255 -> 0
+    return above ^ (above < 2).astype(jnp.uint8)  # swaps 0 (non-finite) and 1 (zero)
+
+
+def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
+    """The codes of non-negative float32 ``values`` relative to a power of two per element,
+    given as ``code_offset = 255 - 16 * (its exponent field)``.
+
+    ``encode(values / scale)`` on the bits: the nearest code is the value's
+    bits, plus half a code step, in code steps (2**19 bits), counted from the
+    scale's. A non-finite value's bits lie at least 16 steps above the largest
+    scale's, so it gets the top code (255) from the clip; zero gets 0, a value below
+    the range 1. The sum wraps around in int32 for a NaN with a large payload and is
+    shifted as unsigned, so that it still counts its steps.
+    """
+    magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
+    steps = jax.lax.shift_right_logical(magnitude + (1 << (_SHIFT - 1)), _SHIFT)
+    code = jnp.clip(steps + code_offset, 1, 255)
+    # The select on uint8: on int32, XLA recomputed the codes in the update's loop (from the
+    # old codes, which it then copied to keep them for it).
+    return jnp.where(magnitude < (1 << 23), jnp.uint8(0), code.astype(jnp.uint8))
 
 
 def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> QuantizedArray:
@@ -335,12 +357,11 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     shifted = jnp.asarray(x, jnp.float32) * shift.down
     top = jnp.max(_as_blocks(_exponent_bytes(shifted)), axis=1).astype(jnp.int32)
     finite_top = top > _EXPONENT_NON_FINITE
-    scale_exponent = jnp.minimum(top + 1, _LARGEST_SCALE_EXPONENT + 1)  # 2**(top - 126)
+    scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
+    # A block of zeros and non-finite values encodes against the largest scale (2**127).
+    code_offset = 255 - 16 * jnp.where(finite_top, scale_exponent, _LARGEST_SCALE_EXPONENT)
+    codes = _codes_against(shifted, _per_element(code_offset, shape))
     scale_bits = jnp.where(finite_top, scale_exponent << 23, 0)
-    bits = jax.lax.bitcast_convert_type(shifted, jnp.int32)
-    # encode(x / scale), the division an exponent subtraction on the bits
-    distance = _per_element(scale_bits, shape) - bits
-    codes = jnp.where(jnp.isfinite(shifted), _nearest_code(distance, shifted), jnp.uint8(255))
     power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
     scale = jnp.where(
         finite_top,

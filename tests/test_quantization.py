@@ -141,6 +141,8 @@ def test_quantize_step_against_a_numpy_reference(shift):
     x[2, 5], x[2, 6], x[2, 7] = np.inf, np.nan, 0.0  # non-finite: the top code
     x[3] = np.float32(2.0**-120) * rng.uniform(1, 2, 256)  # tiny, still normal
     x[4, :] = 1e38  # near float32's largest value
+    x[5] = np.float32(2.0**-126) * rng.uniform(1.5, 2, 256)  # float32's smallest exponent
+    x[6, 9] = np.uint32(0xFFFFFFFF).view(np.float32)  # NaN: the sign bit and every payload bit
     if isinstance(shift, int):
         grid = Q.grid_shift(jnp.int32(shift))
         shift32, up32 = np.float32(grid.down), np.float32(grid.up)
