@@ -161,7 +161,7 @@ SPARSE_SHAPE = (1_000_000, 64)
 SPARSE_IDS = 4096
 SPARSE_CONFIGS = ("plain", "centered+momentum")  # full: EMA and global norm are dense anyway
 QUICK_SHRINK = 16
-QUICK_LEAF_SHRINK = 4  # compile time grows with the leaves: --quick keeps a quarter of them
+QUICK_LEAF_SHRINK = 8  # compile time grows with the leaves: --quick keeps an eighth of them
 # The steps cycle through this many gradient sets: with one constant gradient the
 # centered variance v - a^2 decays geometrically into float32 denormals, which
 # PyTorch (no flush-to-zero, unlike XLA:CPU) then computes 100x slower.
@@ -227,7 +227,7 @@ TORCH_LABEL = {
 
 def case_sizes(case: str, quick: bool) -> tuple[int, int, int]:
     """(params, leaves, leaf size) of a case; --quick shrinks the parameters ~16x and the
-    leaves 4x (the compile-time cases are never shrunk: their leaves are the point)."""
+    leaves 8x (the compile-time cases are never shrunk: their leaves are the point)."""
     total, leaves = CASES[case]
     if quick and case not in COMPILE_CASES:
         total //= QUICK_SHRINK

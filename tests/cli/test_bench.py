@@ -152,7 +152,7 @@ def test_case_filter():
         bench._parse_filter("17M/3")
     assert bench.case_sizes("16M/160", quick=False) == (16_000_000, 160, 100_000)
     n, leaves, _ = bench.case_sizes("16M/160", quick=True)
-    assert leaves == 40 and n == 1_000_000  # quick: parameters /16, leaves /4
+    assert leaves == 20 and n == 1_000_000  # quick: parameters /16, leaves /8
     assert bench.case_sizes("1000x64", quick=True) == (64_000, 1000, 64)  # never shrunk
 
 
