@@ -178,15 +178,9 @@ def encode(y: jax.Array) -> jax.Array:
     the 16-octave range give 1 (the smallest non-zero value, 2**-16 * 1.125).
     """
     y = jnp.asarray(y, jnp.float32)
-    return _nearest_code(_ONE_BITS - jax.lax.bitcast_convert_type(y, jnp.int32), y)
-
-
-def _nearest_code(distance: jax.Array, y: jax.Array) -> jax.Array:
-    """The code ``distance`` float32-bit units below the scale (rounded to the nearest step) of
-    each ``y``: 0 for ``y <= 0``, 255 for NaN, positive values at least 1."""
-    steps = (distance + (1 << (_SHIFT - 1)) - 1) >> _SHIFT
-    code = jnp.clip(255 - steps, 1, 255)
-    return jnp.where(y > 0, code, jnp.where(jnp.isnan(y), 255, 0)).astype(jnp.uint8)
+    # the scale 1.0; _codes_against reads magnitudes, so negative values are set apart after
+    codes = _codes_against(y, jnp.int32(255 - 16 * (_ONE_BITS >> 23)))
+    return jnp.where(y < 0, jnp.uint8(0), codes)
 
 
 def decode(codes: jax.Array) -> jax.Array:
