@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_forms, _schedules, _trees, quantization
+from rmsprop_jax import _checks, _flat_forms, _fusion, _schedules, _trees, quantization
 from rmsprop_jax.sparse import IndexedSlices
 
 __all__ = [
@@ -429,6 +429,21 @@ def rmsprop_update(
         # The step's grid shift, traced once for all 8-bit leaves (a one-element list).
         step_shift: list[quantization.GridShift] = []
 
+        @_fusion.traced_once  # one trace per leaf signature, not per leaf (under jit)
+        def dense_leaf(g, v, a, m, shift):
+            if shift is None:
+                return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
+            return rmsprop_leaf_update(  # 8-bit v: decoded, float32 arithmetic, encoded
+                g,
+                quantization.dequantize(v, jnp.shape(g)),
+                a,
+                m,
+                lr,
+                bias_denominator,
+                store_velocity=lambda new_v: quantization.stored(new_v, shift),
+                **leaf_options,
+            )
+
         def leaf(path, g, v, a, m):
             if g is None:
                 return None, v, a, m
@@ -446,16 +461,7 @@ def rmsprop_update(
                 ordered = quantization.is_ordered_size(math.prod(jnp.shape(g)))
                 if ordered and previous_codes:
                     shift = quantization.ordered_after(shift, previous_codes.pop())
-                result = rmsprop_leaf_update(
-                    g,
-                    quantization.dequantize(v, jnp.shape(g)),
-                    a,
-                    m,
-                    lr,
-                    bias_denominator,
-                    store_velocity=lambda new_v: quantization.stored(new_v, shift),
-                    **leaf_options,
-                )
+                result = dense_leaf(g, v, a, m, shift)
                 if ordered:
                     previous_codes.append(result[1].codes)
                 return result
@@ -468,7 +474,7 @@ def rmsprop_update(
                 return rmsprop_rows_update(
                     g, v, a, m, lr, bias_denominator, decay_all_rows=decay_all_rows, **leaf_options
                 )
-            return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
+            return dense_leaf(g, v, a, m, None)
 
         results, treedef = _trees.map_leaves(
             leaf, updates, state.velocity, state.average_gradient, state.momentum

@@ -171,6 +171,21 @@ class QuantizedArray(NamedTuple):
     block_scale: jax.Array
 
 
+def _select(which: jax.Array, on_true: Any, on_false: Any) -> jax.Array:
+    """``jnp.where`` for same-dtype operands (a Python scalar takes the other operand's dtype),
+    as one ``select``: ``jnp.where`` traces a nested function per call (compile time)."""
+    shape = np.broadcast_shapes(jnp.shape(which), jnp.shape(on_true), jnp.shape(on_false))
+    dtype = on_true.dtype if hasattr(on_true, "dtype") else on_false.dtype
+
+    def spread(x: Any, dtype: Any) -> jax.Array:
+        x = jnp.asarray(x, dtype)
+        if x.shape == shape:
+            return x
+        return jax.lax.broadcast_in_dim(x, shape, tuple(range(len(shape) - x.ndim, len(shape))))
+
+    return jax.lax.select(spread(which, jnp.bool_), spread(on_true, dtype), spread(on_false, dtype))
+
+
 def encode(y: jax.Array) -> jax.Array:
     """uint8 codes of ``y`` in [0, 1] (round to nearest): 0 for 0, at least 1 for ``y > 0``.
 
@@ -187,7 +202,7 @@ def decode(codes: jax.Array) -> jax.Array:
     """The value in [0, 1] of each code (exact inverse of :func:`encode` on its outputs)."""
     c = codes.astype(jnp.int32)
     value = jax.lax.bitcast_convert_type(_ONE_BITS - ((255 - c) << _SHIFT), jnp.float32)
-    return jnp.where(c == 0, jnp.float32(0), value)
+    return _select(c == 0, jnp.float32(0), value)
 
 
 def is_quantized_size(size: int) -> bool:
@@ -229,14 +244,19 @@ def _as_blocks(x: jax.Array) -> jax.Array:
     """``x`` flattened and cut into its blocks (zero-padded): [n_blocks, B]."""
     x = jnp.ravel(jnp.asarray(x))
     size, n_blocks = block_size(x.size), _blocks(x.size)
-    return jnp.pad(x, (0, n_blocks * size - x.size)).reshape(n_blocks, size)
+    if n_blocks * size != x.size:
+        x = jnp.pad(x, (0, n_blocks * size - x.size))
+    return x.reshape(n_blocks, size)
 
 
 def _per_element(per_block: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """A per-block value [n_blocks] spread over the elements of a leaf of ``shape``."""
     size = math.prod(shape)
-    spread = jnp.broadcast_to(per_block[:, None], (per_block.shape[0], block_size(size)))
-    return spread.reshape(-1)[:size].reshape(shape)
+    n_blocks, b = per_block.shape[0], block_size(size)
+    spread = jax.lax.broadcast_in_dim(per_block, (n_blocks, b), (0,)).reshape(-1)
+    if n_blocks * b != size:
+        spread = spread[:size]
+    return spread.reshape(shape)
 
 
 def _relative(values: jax.Array, scale: jax.Array) -> jax.Array:
@@ -325,10 +345,10 @@ def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
     """
     magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
     steps = jax.lax.shift_right_logical(magnitude + (1 << (_SHIFT - 1)), _SHIFT)
-    code = jnp.clip(steps + code_offset, 1, 255)
+    code = jax.lax.clamp(jnp.int32(1), steps + code_offset, jnp.int32(255))
     # The select on uint8: on int32, XLA recomputed the codes in the update's loop (from the
     # old codes, which it then copied to keep them for it).
-    return jnp.where(magnitude < (1 << 23), jnp.uint8(0), code.astype(jnp.uint8))
+    return _select(magnitude < (1 << 23), jnp.uint8(0), code.astype(jnp.uint8))
 
 
 def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> QuantizedArray:
@@ -353,14 +373,14 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     finite_top = top > _EXPONENT_NON_FINITE
     scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
     # A block of zeros and non-finite values encodes against the largest scale (2**127).
-    code_offset = 255 - 16 * jnp.where(finite_top, scale_exponent, _LARGEST_SCALE_EXPONENT)
+    code_offset = 255 - 16 * _select(finite_top, scale_exponent, _LARGEST_SCALE_EXPONENT)
     codes = _codes_against(shifted, _per_element(code_offset, shape))
-    scale_bits = jnp.where(finite_top, scale_exponent << 23, 0)
+    scale_bits = _select(finite_top, scale_exponent << 23, 0)
     power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
-    scale = jnp.where(
+    scale = _select(
         finite_top,
         power * shift.up,
-        jnp.where(top == _EXPONENT_NON_FINITE, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
+        _select(top == _EXPONENT_NON_FINITE, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
     )
     return QuantizedArray(codes=codes, block_scale=scale)
 
@@ -400,7 +420,7 @@ def _after(value: jax.Array, codes: jax.Array) -> jax.Array:
     """``value`` unchanged, computed after ``codes``: a select on a uint8 test that is always
     false (a code shifted right by 7 is 0 or 1), so XLA orders it after the codes' loop."""
     never = jax.lax.shift_right_logical(jnp.ravel(codes)[0], jnp.uint8(7)) > 1
-    return jnp.where(never, jnp.zeros_like(value), value)
+    return _select(never, jnp.zeros_like(value), value)
 
 
 def stored(x: jax.Array, shift: GridShift) -> tuple[QuantizedArray, jax.Array]:

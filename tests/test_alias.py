@@ -332,3 +332,24 @@ def test_python_float_leaves_work_as_in_optax():
         {"w": jnp.asarray(2.0)}, tx.init({"w": jnp.asarray(1.0)}), {"w": jnp.asarray(1.0)}
     )
     np.testing.assert_array_equal(u["w"], ref["w"])
+
+
+@pytest.mark.parametrize("accumulator_dtype", [None, "int8"])
+def test_per_leaf_arithmetic_is_traced_once_per_leaf_signature(accumulator_dtype):
+    """Leaves of one shape share one traced function per transform (trace time at many leaves);
+    XLA inlines the calls, so the step is the same program."""
+    tx = rj.rmsprop(
+        1e-3, momentum=0.9, weight_decay=0.01, use_ema=True, accumulator_dtype=accumulator_dtype
+    )
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (5,), "d": (64, 64)}
+    params = {k: jnp.ones(shape) for k, shape in shapes.items()}
+    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+    calls: dict[str, list] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("jit", "pjit"):
+            calls.setdefault(eqn.params["name"], []).append(id(eqn.params["jaxpr"]))
+    # rmsprop's leaf arithmetic, decoupled weight decay, the EMA: one call per leaf, one
+    # traced function per distinct leaf shape
+    for name in ("dense_leaf", "dense_decay", "dense_step"):
+        assert len(calls[name]) == len(shapes), name
+        assert len(set(calls[name])) == 2, name

@@ -47,7 +47,8 @@ The compile-time cases ``10x64``, ``300x64`` and ``1000x64`` (10, 300 and
 1,000 leaves of 64 elements, config ``full`` only; contenders ``floor``, ``rj``,
 ``rj-contiguous``, ``rj-contiguous-flat`` and ``optax``) are there for the
 ``compile s`` column: seconds for XLA to compile one jitted step (tracing
-and lowering excluded), shown for every JAX contender of every case. XLA
+and lowering excluded, they are the ``trace s`` column), shown for every JAX
+contender of every case. XLA
 runs its passes over every kernel, so a per-leaf optimizer's compile time
 grows with its leaves, and so, more slowly, does that of ``rj-contiguous``
 on a tree, which concatenates the leaves and hands back one array per leaf
@@ -1021,6 +1022,7 @@ def format_table(rows: list[dict]) -> str:
         "peak MB",
         "faults/step",
         "compile s",
+        "trace s",
     )
     lines = [header]
     for r in rows:
@@ -1046,10 +1048,11 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r["peak_bytes"] / 2**20 if "peak_bytes" in r else None, ".1f"),
                 _fmt(r.get("page_faults_per_step"), ".0f"),
                 _fmt(r.get("compile_s"), ".2f"),
+                _fmt(r.get("trace_s"), ".2f"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15}
+    right = {1, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16}
     out = [
         "  ".join(
             cell.rjust(w) if i in right else cell.ljust(w)

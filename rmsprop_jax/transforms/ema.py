@@ -92,7 +92,10 @@ def weight_ema(
             if isinstance(u, IndexedSlices):
                 new_u, new_rows = step(u.values, u.gather(avg), u.gather(w))
                 return u.replace_values(new_u), u.scatter(avg, new_rows)
-            u = jnp.zeros_like(w) if u is None else u
+            return dense_step(jnp.zeros_like(w) if u is None else u, avg, w)
+
+        @_fusion.traced_once  # one trace per leaf signature, not per leaf (under jit)
+        def dense_step(u, avg, w):
             new_w = optax.apply_updates(w, u)
             # Step-wide scalars in one kernel each, not copied into every leaf's loop
             # (XLA's CSE merges the leaves' identical ones).

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, _flat_buffers, _flat_forms, _schedules, _trees
+from rmsprop_jax import _checks, _flat_buffers, _flat_forms, _fusion, _schedules, _trees
 from rmsprop_jax.sparse import IndexedSlices, check_sparse_leaves
 
 __all__ = [
@@ -115,6 +115,10 @@ def add_decoupled_weight_decay(
         def decay(u, w):
             if isinstance(u, IndexedSlices):  # lazy: the touched rows only
                 return u.replace_values(decay(u.values, u.gather(w)))
+            return dense_decay(u, w)
+
+        @_fusion.traced_once  # one trace per leaf signature, not per leaf (under jit)
+        def dense_decay(u, w):
             return (u - (w * weight_decay * jnp.asarray(lr, w.dtype))).astype(u.dtype)
 
         if isinstance(params, _flat_buffers.FlatParams):  # rj.contiguous: the mask of each leaf
