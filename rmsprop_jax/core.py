@@ -382,6 +382,7 @@ def rmsprop_update(
     )
 
     def slots_like(params, fill, *, real, quantize=False):
+        @_fusion.traced_once  # traced (the state check's eval_shape): once per leaf signature
         def make(p):
             if p is None:
                 return None
