@@ -432,17 +432,12 @@ def rmsprop_update(
 
         @_fusion.traced_once  # one trace per leaf signature, not per leaf (under jit)
         def dense_leaf(g, v, a, m, shift):
-            if shift is None:
-                return rmsprop_leaf_update(g, v, a, m, lr, bias_denominator, **leaf_options)
-            return rmsprop_leaf_update(  # 8-bit v: decoded, float32 arithmetic, encoded
-                g,
-                quantization.dequantize(v, jnp.shape(g)),
-                a,
-                m,
-                lr,
-                bias_denominator,
-                store_velocity=lambda new_v: quantization.stored(new_v, shift),
-                **leaf_options,
+            store = None
+            if shift is not None:  # 8-bit v: decoded, float32 arithmetic, encoded
+                v = quantization.dequantize(v, jnp.shape(g))
+                store = lambda new_v: quantization.stored(new_v, shift)
+            return rmsprop_leaf_update(
+                g, v, a, m, lr, bias_denominator, store_velocity=store, **leaf_options
             )
 
         def leaf(path, g, v, a, m):
