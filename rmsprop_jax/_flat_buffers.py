@@ -199,23 +199,28 @@ def concat(layout: Layout, leaves: list) -> tuple:
 # concatenations into one concatenate, whose code grows with its operands
 # (1.8 s to compile 1000 parts of 64 elements), and a slice at a constant
 # offset is a kernel of its own (7.8 s for 1000 slices). So on CPU with one
-# device, small leaves travel in runs of ``_RUN``: a run is concatenated first,
-# and split out of a piece cut at a runtime offset; runs of the same sizes
-# then share their code (0.46 s and 0.57 s for the same 1000 leaves). Both are
-# copies: the buffers and pieces are the plain ops' bit for bit.
+# device, small leaves travel in runs: a run is concatenated first, and split
+# out of a piece cut at a runtime offset; runs of the same sizes then share
+# their code (0.46 s and 0.57 s for the same 1000 leaves). A concatenate alone
+# is compiled once per instruction too, so a run of at most ``_FUSED_RUN``
+# leaves is concatenated inside a kernel of XLA's loop fusion (a ``select``
+# on a runtime False reads it; XLA:CPU fused a concatenate of 8 operands, not
+# of 16), which compiles once per distinct kernel. All are copies: the
+# buffers and pieces are the plain ops' bit for bit.
 
 # Leaves under this many elements travel in runs (copied twice, which costs
 # less than the kernels saved); larger ones alone.
 _SMALL_PIECE = 2**11
-_RUN = 16
+_RUN = 16  # leaves per run cut out of a buffer
+_FUSED_RUN = 8  # leaves per run joined into a buffer
 
 
-def _runs(sizes: list[int]) -> list[tuple[int, int]]:
-    """``[start, stop)`` index ranges: up to ``_RUN`` consecutive small sizes, a large one alone."""
+def _runs(sizes: list[int], run: int = _RUN) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges: up to ``run`` consecutive small sizes, a large one alone."""
     runs: list[tuple[int, int]] = []
     for i, size in enumerate(sizes):
         start = runs[-1][0] if runs else i
-        if runs and max(size, sizes[start]) < _SMALL_PIECE and i - start < _RUN:
+        if runs and max(size, sizes[start]) < _SMALL_PIECE and i - start < run:
             runs[-1] = (start, i + 1)
         else:
             runs.append((i, i + 1))
@@ -233,14 +238,25 @@ def _on_cpu(fallback: Callable, on_cpu: Callable, *operands):
 def _concatenate(parts: list) -> jax.Array:
     """``jnp.concatenate(parts)``; on CPU, runs concatenated first (see above).
 
-    The runs stay separate behind ``lax.optimization_barrier``.
+    Each run's concatenate is read by a ``select`` whose predicate is a runtime
+    False (out of a ``lax.cond`` with two identical branches, as in
+    :func:`_split`), so that XLA fuses it into a loop kernel; the runs stay
+    separate behind ``lax.optimization_barrier``.
     """
-    runs = _runs([int(np.size(p)) for p in parts])
-    if len(runs) in (1, len(parts)):  # one run, or no run of two: nothing to share
+    runs = _runs([int(np.size(p)) for p in parts], _FUSED_RUN)
+    first = next((i for i, p in enumerate(parts) if np.size(p)), None)  # the predicate's part
+    if len(runs) in (1, len(parts)) or first is None:  # nothing to share
         return jnp.concatenate(parts)
 
     def on_cpu(*parts):
-        grouped = [jnp.concatenate(parts[a:b]) for a, b in runs if b - a > 1]
+        x = jnp.ravel(parts[first])[0]
+        never = jax.lax.cond(x != x, lambda: jnp.bool_(False), lambda: jnp.bool_(False))
+        grouped = []
+        for a, b in runs:
+            if b - a > 1:
+                run = jnp.concatenate(parts[a:b])
+                zeros_instead = jnp.broadcast_to(never, run.shape)
+                grouped.append(jax.lax.select(zeros_instead, jnp.zeros_like(run), run))
         joined = iter(jax.lax.optimization_barrier(grouped))
         return jnp.concatenate([next(joined) if b - a > 1 else parts[a] for a, b in runs])
 

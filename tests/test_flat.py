@@ -636,6 +636,12 @@ def test_many_small_leaves_are_cut_and_joined_in_runs(one_device, monkeypatch):
     assert slices and max(int(stop) for _, stop in slices) <= _RUN * 64
     assert len(slices - {("0", "1")}) <= _RUN  # [0:1]: the element the cond's predicate reads
     assert width <= _RUN
+    # Each run's concatenate is fused into a loop kernel (XLA:CPU compiles a concatenate
+    # once per instruction, a fused kernel once per distinct kernel): the step's only
+    # concatenates join the runs, one for the gradients and one for the parameters.
+    hlo = _step_hlo(80)
+    entry = hlo[hlo.index("ENTRY") :]
+    assert entry.count(" concatenate(") == 2
     # With several devices, plain slices and one concatenate (the partitioner must see offsets).
     monkeypatch.setattr(jax, "device_count", lambda *a: 4)
     slices, width = _static_slices_and_concatenate_width(_step_hlo(80))
