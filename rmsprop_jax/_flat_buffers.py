@@ -235,13 +235,19 @@ def _on_cpu(fallback: Callable, on_cpu: Callable, *operands):
     return jax.lax.platform_dependent(*operands, cpu=on_cpu, default=fallback)
 
 
+def _opaque(element: jax.Array, make: Callable) -> Any:
+    """``make()`` as a runtime value, which XLA cannot fold into the kernels that read it: out of
+    a ``lax.cond`` with two identical branches, whose predicate (``element != element``) reads
+    one element, so the value is ``make()``'s whatever the element holds."""
+    return jax.lax.cond(element != element, make, make)
+
+
 def _concatenate(parts: list) -> jax.Array:
     """``jnp.concatenate(parts)``; on CPU, runs concatenated first (see above).
 
     Each run's concatenate is read by a ``select`` whose predicate is a runtime
-    False (out of a ``lax.cond`` with two identical branches, as in
-    :func:`_split`), so that XLA fuses it into a loop kernel; the runs stay
-    separate behind ``lax.optimization_barrier``.
+    False (:func:`_opaque`), so that XLA fuses it into a loop kernel; the runs
+    stay separate behind ``lax.optimization_barrier``.
     """
     runs = _runs([int(np.size(p)) for p in parts], _FUSED_RUN)
     first = next((i for i, p in enumerate(parts) if np.size(p)), None)  # the predicate's part
@@ -249,8 +255,7 @@ def _concatenate(parts: list) -> jax.Array:
         return jnp.concatenate(parts)
 
     def on_cpu(*parts):
-        x = jnp.ravel(parts[first])[0]
-        never = jax.lax.cond(x != x, lambda: jnp.bool_(False), lambda: jnp.bool_(False))
+        never = _opaque(jnp.ravel(parts[first])[0], lambda: jnp.bool_(False))
         grouped = []
         for a, b in runs:
             if b - a > 1:
@@ -266,9 +271,8 @@ def _concatenate(parts: list) -> jax.Array:
 def _split(buffer: jax.Array, sizes: list[int]) -> list:
     """``jnp.split`` of ``buffer`` into pieces of ``sizes``; on CPU, through runs (see above).
 
-    Each run of small pieces is a ``dynamic_slice`` at an offset that comes out
-    of a ``lax.cond`` with two identical branches, so that XLA cannot fold it
-    into the kernels (its predicate, ``x[0] != x[0]``, reads one element); the
+    Each run of small pieces is a ``dynamic_slice`` at a runtime offset
+    (:func:`_opaque`), so that XLA cannot fold it into the kernels; the
     pieces are static slices of the run, at the same offsets in every run of
     the same sizes. A large piece is a static slice (a dynamic one would make
     XLA write the whole buffer before copying it out). Differentiable, but the
@@ -286,7 +290,7 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
         return tuple(np.int32(starts[a]) for a, _ in small)
 
     def on_cpu(x):
-        at = dict(zip(small, jax.lax.cond(x[0] != x[0], offsets, offsets)))
+        at = dict(zip(small, _opaque(x[0], offsets)))
         pieces = []
         for a, b in runs:
             if (a, b) not in at:
