@@ -25,13 +25,13 @@ arithmetic as every other path (:func:`rmsprop_jax.rmsprop_leaf_update`),
 encode the new ``v`` (:func:`quantize_step`) and divide by it *as stored*
 (:func:`stored`), as the bfloat16 path reads its slot (and Keras and PyTorch
 their low-precision optimizer variables). The new scale is the power of two
-just above the block's largest new value, found without a float32 ``v`` in
-memory (a uint8 pass writes each new value's exponent byte, a plain uint8
-reduction takes each block's largest), so the encode is an exponent
-subtraction on the bits (exact, one rounding) and the step has no branch:
-four loops over the leaf (the exponent bytes, their block maxima, the
-codes, the parameter update) and one over its blocks (the new scales,
-after the encode has read the old ones). The update reads the codes the encode wrote,
+just above the block's largest new value, found without any array of the
+leaf's size in memory (one loop computes each new value's exponent byte and
+reduces them to each block's largest, :func:`block_max`), so the encode is an
+exponent subtraction on the bits (exact, one rounding) and the step has no
+branch: three loops over the leaf (the block maxima, the codes, the
+parameter update) and one over its blocks (the new scales, after the encode
+has read the old ones). The update reads the codes the encode wrote,
 so with the state donated XLA overwrites the old codes and scales in place; an update
 reading the old codes (the unrounded new ``v``, bitsandbytes' order) made
 XLA copy them every step, and codes stored as blocks (2-D) made it copy the
@@ -124,6 +124,7 @@ __all__ = [
     "STEPS_PER_OCTAVE",
     "GridShift",
     "QuantizedArray",
+    "block_max",
     "block_size",
     "check_dense_gradient",
     "decode",
@@ -220,7 +221,7 @@ def block_size(size: int) -> int:
 
     A divisor makes the blocks a reshape of the leaf: on XLA:CPU a padded (or
     sliced) array is a materialised copy (with a short last block, the
-    exponent bytes are padded for the block maxima). Among the divisors, the largest that
+    exponent bytes are padded for the block maxima: 1 byte per element). Among the divisors, the largest that
     is a multiple of 8 and leaves an even number of blocks, else the largest
     multiple of 8, else the largest: XLA:CPU's loops over the blocks ran
     1.6-1.8x slower otherwise (measured on 160 leaves of 100,000 elements:
@@ -332,6 +333,33 @@ def _exponent_bytes(values: jax.Array) -> jax.Array:
     return above ^ (above < 2).astype(jnp.uint8)  # swaps 0 (non-finite) and 1 (zero)
 
 
+def _largest_and_smallest(a: tuple, b: tuple) -> tuple:
+    return jax.lax.max(a[0], b[0]), jax.lax.min(a[1], b[1])
+
+
+def block_max(blocks: jax.Array) -> jax.Array:
+    """Each row's largest element (``jnp.max(blocks, axis=1)``), reduced in the loop that
+    computes ``blocks``: no array of ``blocks``' size is written.
+
+    A reduction with two outputs (the largest and the smallest), both read:
+    XLA:CPU fuses its producer into it, one loop that writes the rows'
+    results only, where a reduction with one output goes to YNNPACK, which
+    reads its operand from memory: the operand, a loop of its own before it,
+    was then written out (at 16M elements, the exponent bytes: 16 MB of
+    temporaries, two loops). The smallest never exceeds the largest, so the
+    select returns the largest; it keeps the second output alive (XLA drops an
+    unused one). The step's time was the same within 2 % (16M parameters,
+    plain / centered + momentum / full, 1 and 160 leaves, interleaved with the
+    float32 floor in one process); it is the same bits, so the same codes.
+    """
+    kind = blocks.dtype
+    lowest, highest = jnp.array(jnp.iinfo(kind).min, kind), jnp.array(jnp.iinfo(kind).max, kind)
+    largest, smallest = jax.lax.reduce(
+        (blocks, blocks), (lowest, highest), _largest_and_smallest, (blocks.ndim - 1,)
+    )
+    return _select(smallest > largest, smallest, largest)
+
+
 def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
     """The codes of non-negative float32 ``values`` relative to a power of two per element,
     given as ``code_offset = 255 - 16 * (its exponent field)``.
@@ -355,8 +383,8 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     """Blockwise codes of a non-negative ``x`` (a step's new ``v``) on the grid moved by ``shift``
     (a :class:`GridShift`, or its ``down`` factor alone: ``up`` is then ``1 / down``).
 
-    Three passes and no branch: each value's exponent byte (uint8), each
-    block's largest (a plain uint8 reduction), and the codes of
+    Two passes and no branch: each block's largest exponent byte (uint8,
+    reduced in the loop that computes them: :func:`block_max`), and the codes of
     ``x * shift.down`` against the power of two above the block's largest finite
     value (within one octave of it), computed on the bits (the division is an
     exponent subtraction: exact; one rounding to nearest). The scale stored is
@@ -369,7 +397,7 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     shape = jnp.shape(x)
     shift = _as_grid_shift(shift)
     shifted = jnp.asarray(x, jnp.float32) * shift.down
-    top = jnp.max(_as_blocks(_exponent_bytes(shifted)), axis=1).astype(jnp.int32)
+    top = block_max(_as_blocks(_exponent_bytes(shifted))).astype(jnp.int32)
     finite_top = top > _EXPONENT_NON_FINITE
     scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
     # A block of zeros and non-finite values encodes against the largest scale (2**127).
@@ -398,9 +426,9 @@ def ordered_after(shift: GridShift, previous_codes: jax.Array) -> GridShift:
     """``shift`` unchanged, its ``down`` (which each loop that reads the gradient reads) as a value
     that depends on ``previous_codes`` (another leaf's new codes).
 
-    Each step reads a leaf's gradient in three loops (the exponent bytes, the
+    Each step reads a leaf's gradient in three loops (the block maxima, the
     codes, the parameter update). XLA:CPU runs the leaves' loops pass by pass
-    (every leaf's exponent bytes, then every leaf's block maxima, ...), so each
+    (every leaf's block maxima, then every leaf's codes, ...), so each
     pass reads every gradient from memory again. Made to depend on the previous
     leaf's new codes, a leaf's loops start once the previous leaf's encode is
     done: the loops of one leaf then run back to back and read its gradient from cache

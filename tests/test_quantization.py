@@ -455,7 +455,9 @@ def test_jit_donation_and_one_compilation():
 def test_int8_step_has_no_branch_and_no_float32_v():
     """On XLA:CPU a computed gradient passed into a loop or a cond costs ~20 ms per step at
     16M params even when the branch never runs (the design this replaced): the compiled step
-    has neither, and its temporaries hold no float32 array of the leaf's size."""
+    has neither, and its temporaries hold no array of the leaf's size (the block maxima are
+    reduced in the loop that computes the exponent bytes: written out first, they took one
+    byte per element)."""
     n = 64 * 256
     params = {"w": jnp.zeros((n,))}
     tx = rj.rmsprop(0.01, accumulator_dtype="int8")
@@ -473,8 +475,19 @@ def test_int8_step_has_no_branch_and_no_float32_v():
         return optax.apply_updates(params, updates), state
 
     compiled = jax.jit(given, donate_argnums=(1, 2)).lower(params, tx.init(params), params)
-    # temporaries: the exponent bytes, 1 byte per element
-    assert compiled.compile().memory_analysis().temp_size_in_bytes <= n + 4096
+    # temporaries: per-block values only (64 blocks)
+    assert compiled.compile().memory_analysis().temp_size_in_bytes <= n // 16
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32])
+@pytest.mark.parametrize("shape", [(5, 200), (3, 2, 256)])
+def test_block_max_is_the_largest_of_each_row(dtype, shape):
+    info = jnp.iinfo(dtype)
+    x = np.random.default_rng(0).integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    x[0] = info.min  # a row at the identity of the maximum
+    got = jax.jit(Q.block_max)(x)
+    np.testing.assert_array_equal(got, x.max(axis=-1))
+    assert got.dtype == dtype
 
 
 @pytest.mark.parametrize("shape", [(64 * 256,), (128, 128), (4099,), (7, 3, 300)])
@@ -688,15 +701,14 @@ def test_large_leaves_run_their_loops_one_leaf_after_another(monkeypatch):
 
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads)
     hlo = text.compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
     instructions = [
         m.groups()
         for m in re.finditer(
-            r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{\S*\})? (\w+)\((.*)\)",
-            hlo[hlo.index("ENTRY") :],
-            re.M,
+            r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{\S*\})? (\w+)\((.*)\)", entry, re.M
         )
     ]
-    root_operands = hlo[hlo.index("ROOT") :].split(" tuple(", 1)[1].split(")", 1)[0]
+    root_operands = entry[entry.index("ROOT") :].split(" tuple(", 1)[1].split(")", 1)[0]
     # leaf a's new codes: the fusion of its codes' shape that is a state output
     codes_a = [
         name
