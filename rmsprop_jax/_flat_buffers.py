@@ -273,6 +273,10 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
 
     Each run of small pieces is a ``dynamic_slice`` at a runtime offset
     (:func:`_opaque`), so that XLA cannot fold it into the kernels; the
+    offsets are unsigned, so no kernel wraps a negative one around (JAX's
+    rule for signed indices: three scalar operations in every piece's
+    kernel; ``rj.contiguous`` on 1000 leaves of 64 compiled in 1.23-1.34 s
+    against 1.45-1.54 s with int32 offsets, three interleaved compiles); the
     pieces are static slices of the run, at the same offsets in every run of
     the same sizes. A large piece is a static slice (a dynamic one would make
     XLA write the whole buffer before copying it out). Differentiable, but the
@@ -287,7 +291,7 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
     small = [(a, b) for a, b in runs if sizes[a] < _SMALL_PIECE]
 
     def offsets():
-        return tuple(np.int32(starts[a]) for a, _ in small)
+        return tuple(np.uint32(starts[a]) for a, _ in small)
 
     def on_cpu(x):
         at = dict(zip(small, _opaque(x[0], offsets)))
