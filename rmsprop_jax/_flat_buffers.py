@@ -278,7 +278,10 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
     kernel; ``rj.contiguous`` on 1000 leaves of 64 compiled in 1.23-1.34 s
     against 1.45-1.54 s with int32 offsets, three interleaved compiles); the
     pieces are static slices of the run, at the same offsets in every run of
-    the same sizes. A large piece is a static slice (a dynamic one would make
+    the same sizes, and a short run is cut from a full run's length of
+    buffer (``window``: at 1000 leaves of 64, the last run's 8 pieces reuse
+    the kernels of the other runs' last 8; 1.23-1.37 s against 1.36-1.40 s,
+    300 leaves 0.53-0.61 s against 0.62-0.66 s). A large piece is a static slice (a dynamic one would make
     XLA write the whole buffer before copying it out). Differentiable, but the
     transpose of a ``dynamic_slice`` is a ``dynamic_update_slice`` into zeros:
     code to differentiate through uses ``lax.split`` (one concatenate).
@@ -290,8 +293,17 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
         return jnp.split(buffer, starts[1:-1])
     small = [(a, b) for a, b in runs if sizes[a] < _SMALL_PIECE]
 
+    def window(a: int, b: int) -> int:
+        """The first leaf of the slice a run is cut from: a short run reaches back over the small
+        leaves before it to a full run's length, so that its pieces' kernels are those of a
+        full run's last pieces when the sizes repeat (a tree of many same-shaped layers)."""
+        first = b - _RUN
+        if b - a < _RUN and first >= 0 and max(sizes[first:a]) < _SMALL_PIECE:
+            return first
+        return a
+
     def offsets():
-        return tuple(np.uint32(starts[a]) for a, _ in small)
+        return tuple(np.uint32(starts[window(a, b)]) for a, b in small)
 
     def on_cpu(x):
         at = dict(zip(small, _opaque(x[0], offsets)))
@@ -300,8 +312,10 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
             if (a, b) not in at:
                 pieces.append(x[starts[a] : starts[b]])
                 continue
-            run = jax.lax.dynamic_slice(x, (at[a, b],), (int(starts[b] - starts[a]),))
-            pieces += jnp.split(run, starts[a + 1 : b] - starts[a]) if b - a > 1 else [run]
+            first = window(a, b)
+            run = jax.lax.dynamic_slice(x, (at[a, b],), (int(starts[b] - starts[first]),))
+            cut = jnp.split(run, starts[first + 1 : b] - starts[first]) if b - first > 1 else [run]
+            pieces += cut[a - first :]
         return pieces
 
     return _on_cpu(lambda x: jnp.split(x, starts[1:-1]), on_cpu, buffer)

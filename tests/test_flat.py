@@ -573,6 +573,24 @@ def test_runs_concatenate_and_split_bit_for_bit(one_device, dtype):
     assert [_bits(p) for p in pieces] == [_bits(p) for p in parts]
 
 
+def test_a_short_run_is_cut_from_a_full_runs_length(one_device):
+    """40 leaves of 64: runs of 16, 16 and 8; the last run's slice reaches back over 8 leaves of
+    the run before, so every run is one slice of 16 leaves and the last run's pieces reuse the
+    kernels of the other runs' last 8. After a large leaf a short run keeps its own length."""
+    from rmsprop_jax._flat_buffers import _split
+
+    def slice_sizes(sizes):
+        text = jax.jit(lambda x: _split(x, sizes)).lower(jnp.zeros(sum(sizes))).as_text()
+        return [
+            line.split("sizes = [", 1)[1].split("]", 1)[0]
+            for line in text.splitlines()
+            if "stablehlo.dynamic_slice" in line
+        ]
+
+    assert slice_sizes([64] * 40) == ["1024"] * 3
+    assert slice_sizes([64] * 20 + [5000] + [64] * 3) == ["1024", "1024", "192"]
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_contiguous_step_through_runs_is_the_plain_ops_step(one_device, monkeypatch, momentum):
     from rmsprop_jax import _flat_buffers
