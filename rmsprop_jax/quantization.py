@@ -26,8 +26,8 @@ encode the new ``v`` (:func:`quantize_step`) and divide by it *as stored*
 (:func:`stored`), as the bfloat16 path reads its slot (and Keras and PyTorch
 their low-precision optimizer variables). The new scale is the power of two
 just above the block's largest new value, found without any array of the
-leaf's size in memory (one loop computes each new value's exponent byte and
-reduces them to each block's largest, :func:`block_max`), so the encode is an
+leaf's size in memory (one loop computes the new values and reduces their
+bits to each block's largest, :func:`block_maxima`), so the encode is an
 exponent subtraction on the bits (exact, one rounding) and the step has no
 branch: three loops over the leaf (the block maxima, the codes, the
 parameter update) and one over its blocks (the new scales, after the encode
@@ -124,7 +124,7 @@ __all__ = [
     "STEPS_PER_OCTAVE",
     "GridShift",
     "QuantizedArray",
-    "block_max",
+    "block_maxima",
     "block_size",
     "check_dense_gradient",
     "decode",
@@ -221,8 +221,8 @@ def block_size(size: int) -> int:
 
     A divisor makes the blocks a reshape of the leaf, with no padding (a
     short last block's padding is fused into the loop of the block maxima
-    since :func:`block_max`; before, XLA:CPU wrote the padded exponent bytes
-    out). Among the divisors, the largest that is a multiple of 8 and leaves an
+    since :func:`block_maxima`; before, XLA:CPU wrote the padded exponent
+    bytes out). Among the divisors, the largest that is a multiple of 8 and leaves an
     even number of blocks, else the largest multiple of 8, else the largest:
     XLA:CPU's loops over the blocks ran 1.6-1.8x slower otherwise (measured on 160 leaves of 100,000 elements:
     blocks of 250 or 160, the latter 625 of them, 15 ms per encode; of 200,
@@ -318,46 +318,46 @@ def _as_grid_shift(shift: GridShift | jax.Array | float) -> GridShift:
     return GridShift(down=down, up=1 / down)
 
 
-# The step's uint8 intermediate, each value's exponent field plus one (its scale's exponent
-# field), the non-finite and zero fields moved below the finite ones: 0 for zero (and
-# subnormals, which XLA:CPU flushes), 1 for a non-finite value, e + 1 for a finite one (>= 2).
+# Each block's "top", its scale's exponent field: e + 1 (>= 2) where e is the exponent field of
+# its largest finite value; 1 for a block of zeros and non-finite values; 0 for a block of zeros
+# (subnormals count as zeros: XLA:CPU flushes them).
 _EXPONENT_NON_FINITE = 1
 _LARGEST_SCALE_EXPONENT = 254  # a scale of 2**127 at most
 _FINITE_BITS = 0x7FFFFFFF  # all bits but the sign: a NaN's sign is arbitrary
+_INF_BITS = 0x7F800000  # the smallest magnitude of a non-finite float32
 
 
-def _exponent_bytes(values: jax.Array) -> jax.Array:
-    """The uint8 intermediate of each non-negative float32 value, in integer operations only."""
-    magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
-    above = jax.lax.shift_right_logical(magnitude, 23).astype(jnp.uint8) + jnp.uint8(1)  # 255 -> 0
-    return above ^ (above < 2).astype(jnp.uint8)  # swaps 0 (non-finite) and 1 (zero)
+def _largest_pair(a: tuple, b: tuple) -> tuple:
+    return jax.lax.max(a[0], b[0]), jax.lax.max(a[1], b[1])
 
 
-def _largest_and_smallest(a: tuple, b: tuple) -> tuple:
-    return jax.lax.max(a[0], b[0]), jax.lax.min(a[1], b[1])
+def block_maxima(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The largest element of each row (the last axis) of two integer arrays of one shape, in
+    one loop that computes them: no array of their size is written.
 
-
-def block_max(blocks: jax.Array) -> jax.Array:
-    """The largest element along the last axis of an integer array (``jnp.max(blocks,
-    axis=-1)``), reduced in the loop that computes ``blocks``: no array of its size is written.
-
-    A reduction with two outputs (the largest and the smallest), both read:
-    XLA:CPU fuses its producer into it, one loop that writes the rows'
-    results only, where a reduction with one output goes to YNNPACK, which
-    reads its operand from memory: the operand, a loop of its own before it,
-    was then written out (at 16M elements, the exponent bytes: 16 MB of
-    temporaries, two loops). The smallest never exceeds the largest, so the
-    select returns the largest; it keeps the second output alive (XLA drops an
-    unused one). The step's time was the same within 2 % (16M parameters,
-    plain / centered + momentum / full, 1 and 160 leaves, interleaved with the
-    float32 floor in one process); it is the same bits, so the same codes.
+    One reduction with two outputs: XLA:CPU fuses the loop that computes its
+    operands into it, so the operands are never written out, where a
+    reduction with one output goes to YNNPACK, which reads its operand from
+    memory (the step then wrote the operand out in a loop of its own: at 16M
+    elements 16 MB of temporaries and a second kernel). Both results must be
+    read, or XLA drops one and sends the other to YNNPACK.
     """
-    kind = blocks.dtype
-    lowest, highest = jnp.array(jnp.iinfo(kind).min, kind), jnp.array(jnp.iinfo(kind).max, kind)
-    largest, smallest = jax.lax.reduce(
-        (blocks, blocks), (lowest, highest), _largest_and_smallest, (blocks.ndim - 1,)
-    )
-    return _select(smallest > largest, smallest, largest)
+    kind = first.dtype
+    lowest = jnp.array(jnp.iinfo(kind).min, kind)
+    return jax.lax.reduce((first, second), (lowest, lowest), _largest_pair, (first.ndim - 1,))
+
+
+def _block_tops(values: jax.Array) -> jax.Array:
+    """Each block's top (see above) of the non-negative float32 ``values``, in one loop over them
+    (:func:`block_maxima`): the largest finite magnitude's bits and the largest magnitude's
+    bits, integer operations only. (Reducing each value's top as a uint8 took 4.05-4.08 ms
+    per loop at 16M elements against 3.16-3.25 ms: the packing into bytes.)"""
+    magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
+    finite = _select(magnitude < _INF_BITS, magnitude, 0)
+    largest_finite, largest = block_maxima(_as_blocks(finite), _as_blocks(magnitude))
+    exponent = jax.lax.shift_right_logical(largest_finite, 23)
+    non_finite = _select(largest >= _INF_BITS, jnp.int32(_EXPONENT_NON_FINITE), jnp.int32(0))
+    return _select(exponent > 0, exponent + 1, non_finite)
 
 
 def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
@@ -383,8 +383,8 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     """Blockwise codes of a non-negative ``x`` (a step's new ``v``) on the grid moved by ``shift``
     (a :class:`GridShift`, or its ``down`` factor alone: ``up`` is then ``1 / down``).
 
-    Two passes and no branch: each block's largest exponent byte (uint8,
-    reduced in the loop that computes them: :func:`block_max`), and the codes of
+    Two passes and no branch: each block's largest value's exponent (its
+    bits reduced in the loop that computes them: :func:`block_maxima`), and the codes of
     ``x * shift.down`` against the power of two above the block's largest finite
     value (within one octave of it), computed on the bits (the division is an
     exponent subtraction: exact; one rounding to nearest). The scale stored is
@@ -397,7 +397,7 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     shape = jnp.shape(x)
     shift = _as_grid_shift(shift)
     shifted = jnp.asarray(x, jnp.float32) * shift.down
-    top = block_max(_as_blocks(_exponent_bytes(shifted))).astype(jnp.int32)
+    top = _block_tops(shifted)
     finite_top = top > _EXPONENT_NON_FINITE
     scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
     # A block of zeros and non-finite values encodes against the largest scale (2**127).

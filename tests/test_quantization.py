@@ -481,13 +481,15 @@ def test_int8_step_has_no_branch_and_no_float32_v():
 
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32])
 @pytest.mark.parametrize("shape", [(5, 200), (3, 2, 256)])
-def test_block_max_is_the_largest_of_each_row(dtype, shape):
+def test_block_maxima_are_the_largest_of_each_row(dtype, shape):
     info = jnp.iinfo(dtype)
-    x = np.random.default_rng(0).integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype) for _ in "xy")
     x[0] = info.min  # a row at the identity of the maximum
-    got = jax.jit(Q.block_max)(x)
-    np.testing.assert_array_equal(got, x.max(axis=-1))
-    assert got.dtype == dtype
+    got = jax.jit(Q.block_maxima)(x, y)
+    for array, largest in zip((x, y), got):
+        np.testing.assert_array_equal(largest, array.max(axis=-1))
+        assert largest.dtype == dtype
 
 
 @pytest.mark.parametrize("shape", [(64 * 256,), (128, 128), (4099,), (7, 3, 300)])
