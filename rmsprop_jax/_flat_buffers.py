@@ -281,8 +281,9 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
     the same sizes, and a short run is cut from a full run's length of
     buffer (``window``: at 1000 leaves of 64, the last run's 8 pieces reuse
     the kernels of the other runs' last 8; 1.23-1.37 s against 1.36-1.40 s,
-    300 leaves 0.53-0.61 s against 0.62-0.66 s). A large piece is a static slice (a dynamic one would make
-    XLA write the whole buffer before copying it out). Differentiable, but the
+    300 leaves 0.53-0.61 s against 0.62-0.66 s). A large piece is a static
+    slice (a dynamic one would make XLA write the whole buffer before copying
+    it out). Differentiable, but the
     transpose of a ``dynamic_slice`` is a ``dynamic_update_slice`` into zeros:
     code to differentiate through uses ``lax.split`` (one concatenate).
     """

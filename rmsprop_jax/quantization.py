@@ -222,12 +222,13 @@ def block_size(size: int) -> int:
     A divisor makes the blocks a reshape of the leaf, with no padding (a
     short last block's padding is fused into the loop of the block maxima
     since :func:`block_maxima`; before, XLA:CPU wrote the padded exponent
-    bytes out). Among the divisors, the largest that is a multiple of 8 and leaves an
-    even number of blocks, else the largest multiple of 8, else the largest:
-    XLA:CPU's loops over the blocks ran 1.6-1.8x slower otherwise (measured on 160 leaves of 100,000 elements:
-    blocks of 250 or 160, the latter 625 of them, 15 ms per encode; of 200,
-    9 ms). At rest: at most 1 + 4/128 = 1.031 bytes per element; 1.016 for
-    blocks of 256, 1.02 for 200.
+    bytes out). Among the divisors, the largest that is a multiple of 8 and
+    leaves an even number of blocks, else the largest multiple of 8, else the
+    largest: XLA:CPU's loops over the blocks ran 1.6-1.8x slower otherwise
+    (measured on 160 leaves of 100,000 elements: blocks of 250 or 160, the
+    latter 625 of them, 15 ms per encode; of 200, 9 ms). At rest: at most
+    1 + 4/128 = 1.031 bytes per element; 1.016 for blocks of 256, 1.02 for
+    200.
     """
     divisors = [b for b in range(BLOCK_SIZE, MIN_BLOCK_SIZE - 1, -1) if size % b == 0]
     for fits in (lambda b: b % 8 == 0 and size // b % 2 == 0, lambda b: b % 8 == 0, bool):

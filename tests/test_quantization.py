@@ -456,8 +456,8 @@ def test_int8_step_has_no_branch_and_no_float32_v():
     """On XLA:CPU a computed gradient passed into a loop or a cond costs ~20 ms per step at
     16M params even when the branch never runs (the design this replaced): the compiled step
     has neither, and its temporaries hold no array of the leaf's size (the block maxima are
-    reduced in the loop that computes the exponent bytes: written out first, they took one
-    byte per element)."""
+    reduced in the loop that computes the new values; the exponent bytes the step wrote out
+    for them before took one byte per element)."""
     n = 64 * 256
     params = {"w": jnp.zeros((n,))}
     tx = rj.rmsprop(0.01, accumulator_dtype="int8")
