@@ -375,9 +375,13 @@ def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
     magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
     steps = jax.lax.shift_right_logical(magnitude + (1 << (_SHIFT - 1)), _SHIFT)
     code = jax.lax.clamp(jnp.int32(1), steps + code_offset, jnp.int32(255))
-    # The select on uint8: on int32, XLA recomputed the codes in the update's loop (from the
-    # old codes, which it then copied to keep them for it).
-    return _select(magnitude < (1 << 23), jnp.uint8(0), code.astype(jnp.uint8))
+    # Zero (and subnormals) to 0 by a byte mask (0 or 255), on uint8: in int32 (a select or an
+    # and), XLA recomputed the codes in the update's loop from the old codes, which it then
+    # copied to keep them for it; a uint8 select packed its int32 comparison into bytes for a
+    # blend in every iteration (plain step at 16M params, A/B with the floor in one process:
+    # 1.476x with the select, 1.376x with the mask).
+    keep = (magnitude >= (1 << 23)).astype(jnp.uint8) * jnp.uint8(255)
+    return code.astype(jnp.uint8) & keep
 
 
 def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> QuantizedArray:
