@@ -283,9 +283,9 @@ def _split(buffer: jax.Array, sizes: list[int]) -> list:
     the kernels of the other runs' last 8; 1.23-1.37 s against 1.36-1.40 s,
     300 leaves 0.53-0.61 s against 0.62-0.66 s). A large piece is a static
     slice (a dynamic one would make XLA write the whole buffer before copying
-    it out). Differentiable, but the
-    transpose of a ``dynamic_slice`` is a ``dynamic_update_slice`` into zeros:
-    code to differentiate through uses ``lax.split`` (one concatenate).
+    it out). Differentiable, but the transpose of a ``dynamic_slice`` is a
+    ``dynamic_update_slice`` into zeros: code to differentiate through uses
+    ``lax.split`` (one concatenate).
     """
     starts = np.cumsum([0, *sizes])
     runs = _runs(sizes)
