@@ -412,6 +412,9 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
     # A block of zeros and non-finite values encodes against the largest scale (2**127).
     code_offset = 255 - 16 * _select(finite_top, scale_exponent, _LARGEST_SCALE_EXPONENT)
+    # Per block, in a kernel of its own: fused into the codes' loop, it was recomputed for each
+    # run of 8 elements there (12 of its 40 instructions; that loop 4.55 -> 3.54 ms at 16M).
+    code_offset = _fusion.computed_once(code_offset)
     codes = _codes_against(shifted, _per_element(code_offset, shape))
     scale_bits = _select(finite_top, scale_exponent << 23, 0)
     power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
