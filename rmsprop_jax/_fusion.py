@@ -7,30 +7,23 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 __all__ = ["computed_once", "traced_once"]
 
 
 def computed_once(x: jax.Array) -> jax.Array:
-    """``x`` (finite, if floating), computed in one kernel of its own instead of in every loop
-    that reads it.
+    """``x`` (finite), computed in one kernel of its own instead of in every loop that reads it.
 
     XLA duplicates a cheap expression (a ``where``, a ``minimum``) into each
     consumer's loop: a step-wide scalar read by every leaf's kernels is then
     compiled once per kernel (at 1000 leaves, thousands of copies), and a
-    per-block vector read by a leaf-shaped loop (int8's block scales and code
-    offsets) is recomputed per element. A division counts as expensive to
-    XLA's fusion, so an expression that ends in one keeps its own kernel:
-    floating ``x`` is divided by ``1 + 0 * x``, exactly 1 for a finite ``x``
-    and not folded away (``0 * x`` is NaN for a non-finite ``x``, so a
-    non-finite ``x`` becomes NaN: for finite values only; callers make sure of
-    that); integer ``x`` by ``max(1, x >> (bits - 1))`` (a logical shift: 0 or
-    1), exactly 1, which XLA cannot fold either.
+    per-block vector read by a leaf-shaped loop (int8's block scales) is
+    recomputed per element. A division counts as expensive to XLA's fusion, so
+    an expression that ends in one keeps its own kernel; the divisor
+    ``1 + 0 * x`` is exactly 1 for a finite ``x`` and is not folded away
+    (``0 * x`` is NaN for a non-finite ``x``, so a non-finite ``x`` becomes
+    NaN: for finite values only; callers make sure of that).
     """
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        sign_bit = jax.lax.shift_right_logical(x, jnp.array(8 * x.dtype.itemsize - 1, x.dtype))
-        return jax.lax.div(x, jax.lax.max(jnp.ones_like(x), sign_bit))
     return x / (1 + 0 * x)
 
 

@@ -196,7 +196,7 @@ def encode(y: jax.Array) -> jax.Array:
     """
     y = jnp.asarray(y, jnp.float32)
     # the scale 1.0; _codes_against reads magnitudes, so negative values are set apart after
-    codes = _codes_against(y, jnp.int32(255 - 16 * (_ONE_BITS >> 23)))
+    codes = _codes_against(y, jnp.int32(STEPS_PER_OCTAVE * (_ONE_BITS >> 23)))
     return jnp.where(y < 0, jnp.uint8(0), codes)
 
 
@@ -324,11 +324,11 @@ def _as_grid_shift(shift: GridShift | jax.Array | float) -> GridShift:
     return GridShift(down=down, up=1 / down)
 
 
-# Each block's "top", its scale's exponent field: e + 1 (>= 2) where e is the exponent field of
-# its largest finite value; 1 for a block of zeros and non-finite values; 0 for a block of zeros
-# (subnormals count as zeros: XLA:CPU flushes them).
-_EXPONENT_NON_FINITE = 1
-_LARGEST_SCALE_EXPONENT = 254  # a scale of 2**127 at most
+# A scale's place on the code grid: its exponent field in code steps (16 per octave). A block's
+# scale is the power of two above its largest finite value, so its steps are 16 * (e + 1), e
+# that value's exponent field; at most 16 * 254 (2**127: the largest power of two in float32).
+_LARGEST_SCALE_STEPS = 16 * 254
+_LOWEST_SCALE_STEPS = 16 * 2  # 2**-125 (e = 1): a block whose largest value is normal
 _FINITE_BITS = 0x7FFFFFFF  # all bits but the sign: a NaN's sign is arbitrary
 _INF_BITS = 0x7F800000  # the smallest magnitude of a non-finite float32
 
@@ -353,33 +353,34 @@ def block_maxima(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Ar
     return jax.lax.reduce((first, second), (lowest, lowest), _largest_pair, (first.ndim - 1,))
 
 
-def _block_tops(values: jax.Array) -> jax.Array:
-    """Each block's top (see above) of the non-negative float32 ``values``, in one loop over them
-    (:func:`block_maxima`): the largest finite magnitude's bits and the largest magnitude's
-    bits, integer operations only. (Reducing each value's top as a uint8 took 4.05-4.08 ms
-    per loop at 16M elements against 3.16-3.25 ms: the packing into bytes.)"""
-    magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
-    finite = _select(magnitude < _INF_BITS, magnitude, 0)
-    largest_finite, largest = block_maxima(_as_blocks(finite), _as_blocks(magnitude))
-    exponent = jax.lax.shift_right_logical(largest_finite, 23)
-    non_finite = _select(largest >= _INF_BITS, jnp.int32(_EXPONENT_NON_FINITE), jnp.int32(0))
-    return _select(exponent > 0, exponent + 1, non_finite)
+def _scale_steps(magnitude: jax.Array) -> jax.Array:
+    """Each magnitude's own scale in code steps: ``16 * (e + 1)`` (at most
+    :data:`_LARGEST_SCALE_STEPS`), ``e`` its exponent field; negative for a non-finite value.
+
+    Adding one exponent step wraps a non-finite magnitude's bits (exponent
+    field 255) to a negative int32, so that a block's largest excludes them;
+    zeros and subnormals give 16 (below :data:`_LOWEST_SCALE_STEPS`).
+    """
+    lifted = magnitude + jnp.int32(1 << 23)
+    steps = jax.lax.shift_right_arithmetic(lifted, jnp.int32(_SHIFT)) & -STEPS_PER_OCTAVE
+    return jnp.minimum(steps, _LARGEST_SCALE_STEPS)
 
 
-def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
-    """The codes of non-negative float32 ``values`` relative to a power of two per element,
-    given as ``code_offset = 255 - 16 * (its exponent field)``.
+def _codes_against(values: jax.Array, scale_steps: jax.Array) -> jax.Array:
+    """The codes of non-negative float32 ``values`` relative to a power of two per element, given
+    as its exponent field in code steps (``scale_steps = 16 * exponent field``).
 
     ``encode(values / scale)`` on the bits: the nearest code is the value's
     bits, plus half a code step, in code steps (2**19 bits), counted from the
-    scale's. A non-finite value's bits lie at least 16 steps above the largest
-    scale's, so it gets the top code (255) from the clip; zero gets 0, a value below
-    the range 1. The sum wraps around in int32 for a NaN with a large payload and is
-    shifted as unsigned, so that it still counts its steps.
+    scale's (255 code steps above code 0: added before the shift, a multiple
+    of it, below 2**32 with any magnitude). A non-finite value's bits lie at
+    least 16 steps above the largest scale's, so it gets the top code (255)
+    from the clip; zero gets 0, a value below the range 1. The sum is shifted
+    as unsigned (it passes 2**31 for large values).
     """
     magnitude = jax.lax.bitcast_convert_type(values, jnp.int32) & _FINITE_BITS
-    steps = jax.lax.shift_right_logical(magnitude + (1 << (_SHIFT - 1)), _SHIFT)
-    code = jax.lax.clamp(jnp.int32(1), steps + code_offset, jnp.int32(255))
+    above_code_0 = jax.lax.shift_right_logical(magnitude + _HALF_STEP_AND_TOP, _SHIFT)
+    code = jax.lax.clamp(jnp.int32(1), above_code_0 - scale_steps, jnp.int32(255))
     # Zero (and subnormals) to 0 by a byte mask (0 or 255), on uint8: in int32 (a select or an
     # and), XLA recomputed the codes in the update's loop from the old codes, which it then
     # copied to keep them for it; a uint8 select packed its int32 comparison into bytes for a
@@ -389,15 +390,19 @@ def _codes_against(values: jax.Array, code_offset: jax.Array) -> jax.Array:
     return code.astype(jnp.uint8) & keep
 
 
+_HALF_STEP_AND_TOP = (1 << (_SHIFT - 1)) + (255 << _SHIFT)
+
+
 def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> QuantizedArray:
     """Blockwise codes of a non-negative ``x`` (a step's new ``v``) on the grid moved by ``shift``
     (a :class:`GridShift`, or its ``down`` factor alone: ``up`` is then ``1 / down``).
 
-    Two passes and no branch: each block's largest value's exponent (its
-    bits reduced in the loop that computes them: :func:`block_maxima`), and the codes of
-    ``x * shift.down`` against the power of two above the block's largest finite
-    value (within one octave of it), computed on the bits (the division is an
-    exponent subtraction: exact; one rounding to nearest). The scale stored is
+    Two passes and no branch: each block's scale as a power of two in code
+    steps (reduced in the loop that computes the values:
+    :func:`block_maxima`), and the codes of ``x * shift.down`` against that
+    power of two, the one above the block's largest finite value (within one
+    octave of it), computed on the bits (the division is an exponent
+    subtraction: exact; one rounding to nearest). The scale stored is
     that power of two times ``shift.up``. Non-finite values get the top code; a
     block with no finite positive value but a non-finite one gets 2**127 (as
     :func:`quantize`); values of 2**127 and above keep the top code. The
@@ -407,21 +412,24 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     shape = jnp.shape(x)
     shift = _as_grid_shift(shift)
     shifted = jnp.asarray(x, jnp.float32) * shift.down
-    top = _block_tops(shifted)
-    finite_top = top > _EXPONENT_NON_FINITE
-    scale_exponent = jnp.minimum(top, _LARGEST_SCALE_EXPONENT)  # 2**(top - 127)
-    # A block of zeros and non-finite values encodes against the largest scale (2**127).
-    code_offset = 255 - 16 * _select(finite_top, scale_exponent, _LARGEST_SCALE_EXPONENT)
-    # Per block, in a kernel of its own: fused into the codes' loop, it was recomputed for each
-    # run of 8 elements there (12 of its 40 instructions; that loop 4.55 -> 3.54 ms at 16M).
-    code_offset = _fusion.computed_once(code_offset)
-    codes = _codes_against(shifted, _per_element(code_offset, shape))
-    scale_bits = _select(finite_top, scale_exponent << 23, 0)
-    power = jax.lax.bitcast_convert_type(scale_bits, jnp.float32)
+    magnitude = jax.lax.bitcast_convert_type(shifted, jnp.int32) & _FINITE_BITS
+    # One loop: each block's scale in code steps (the largest of its values' own; a block of
+    # zeros and non-finite values gets 2**-126 or less here, which codes them as 2**127 would:
+    # 0 and 255) and its largest magnitude (which tells such a block's scale). The codes' loop
+    # reads the first as it is. Derived there from the block's largest bits, per run of 8
+    # elements, it took 12 of the loop's 40 instructions; in a kernel of its own, one kernel
+    # more per leaf (16M params, plain step, A/B in one process: the codes' loop 3.65 -> 3.51
+    # ms against that kernel; 4.55 ms in the loop).
+    scale_steps, largest = block_maxima(_as_blocks(_scale_steps(magnitude)), _as_blocks(magnitude))
+    codes = _codes_against(shifted, _per_element(scale_steps, shape))
+    normal = scale_steps >= _LOWEST_SCALE_STEPS
+    power = jax.lax.bitcast_convert_type(
+        jax.lax.shift_right_logical(_select(normal, scale_steps, 0), 4) << 23, jnp.float32
+    )
     scale = _select(
-        finite_top,
+        normal,
         power * shift.up,
-        _select(top == _EXPONENT_NON_FINITE, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
+        _select(largest >= _INF_BITS, _LARGEST_POWER_OF_TWO, jnp.float32(0)),
     )
     return QuantizedArray(codes=codes, block_scale=scale)
 

@@ -8,13 +8,9 @@ import pytest
 from rmsprop_jax import _fusion
 
 
-@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int32, jnp.uint32, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_computed_once_is_the_value_in_a_kernel_of_its_own(dtype):
-    if jnp.issubdtype(dtype, jnp.integer):
-        info = jnp.iinfo(dtype)
-        x = np.array([info.min, info.min + 1, -1 if info.min else 0, 0, 1, 7, info.max], dtype)
-    else:
-        x = np.array([-1e38, -1.0, -0.0, 0.0, 1e-30, 2.5, 1e38], dtype)  # 2 * x finite
+    x = np.array([-1e38, -1.0, -0.0, 0.0, 1e-30, 2.5, 1e38], dtype)  # 2 * x finite
 
     def per_element(x, y):  # a cheap per-block value read by a larger loop
         return y + jnp.repeat(_fusion.computed_once(x * 2), 3)

@@ -480,9 +480,9 @@ def test_int8_step_has_no_branch_and_no_float32_v():
 
 
 def test_int8_codes_loop_reads_its_per_block_values():
-    """The loop that writes a leaf's codes reads each block's code offset and scale as
-    computed once per block: fused into it, the offset's arithmetic (from the block maxima)
-    ran once per 8 elements, 12 of the loop's 40 instructions."""
+    """The loop that writes a leaf's codes reads each block's values as computed once per
+    block (its new scale's steps, as reduced; its old scale): the steps derived there from the
+    block's largest bits ran once per 8 elements, 12 of the loop's 40 instructions."""
     n = 64 * 256
     params = {"w": jnp.zeros((n,))}
     tx = rj.rmsprop(0.01, accumulator_dtype="int8")
