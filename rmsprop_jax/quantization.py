@@ -353,6 +353,26 @@ def block_maxima(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Ar
     return jax.lax.reduce((first, second), (lowest, lowest), _largest_pair, (first.ndim - 1,))
 
 
+def _block_maxima_of(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`block_maxima` of two integer arrays of a leaf's shape, cut into the leaf's blocks.
+
+    A short last block is reduced on its own: padded to a full block in the
+    reduction's loop, the whole loop checked each element's index (160
+    leaves of 100,006 elements, plain step: 3.57x the float32 floor with
+    the padding, 2.03x without; 160 leaves of 100,000 in blocks of 256: the
+    reductions' kernel times 48 ms with the padding, 10.6 ms without).
+    """
+    first, second = jnp.ravel(first), jnp.ravel(second)
+    size, b = first.size, block_size(first.size)
+    whole = size - size % b
+
+    rows = block_maxima(first[:whole].reshape(-1, b), second[:whole].reshape(-1, b))
+    if whole == size:
+        return rows
+    last = block_maxima(first[whole:][None], second[whole:][None])
+    return jnp.concatenate([rows[0], last[0]]), jnp.concatenate([rows[1], last[1]])
+
+
 def _scale_steps(magnitude: jax.Array) -> jax.Array:
     """Each magnitude's own scale in code steps: ``16 * (e + 1)`` (at most
     :data:`_LARGEST_SCALE_STEPS`), ``e`` its exponent field; negative for a non-finite value.
@@ -420,7 +440,7 @@ def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> Quantiz
     # elements, it took 12 of the loop's 40 instructions; in a kernel of its own, one kernel
     # more per leaf (16M params, plain step, A/B in one process: the codes' loop 3.65 -> 3.51
     # ms against that kernel; 4.55 ms in the loop).
-    scale_steps, largest = block_maxima(_as_blocks(_scale_steps(magnitude)), _as_blocks(magnitude))
+    scale_steps, largest = _block_maxima_of(_scale_steps(magnitude), magnitude)
     codes = _codes_against(shifted, _per_element(scale_steps, shape))
     normal = scale_steps >= _LOWEST_SCALE_STEPS
     power = jax.lax.bitcast_convert_type(
