@@ -154,6 +154,9 @@ STEPS_PER_OCTAVE = 16
 _SHIFT = 23 - 4  # float32 mantissa bits below the 4 a code keeps
 _ONE_BITS = 0x3F800000  # bits of 1.0
 _DECODE_BASE = _ONE_BITS - (255 << _SHIFT)  # code 0's place on the grid (1.0625 * 2**-16)
+# Added to a value's bits before they are counted in code steps: half a step (round to nearest)
+# and the 255 steps from code 0 to the scale.
+_HALF_STEP_AND_TOP = (1 << (_SHIFT - 1)) + (255 << _SHIFT)
 _LARGEST_POWER_OF_TWO = np.float32(2.0**127)
 
 
@@ -408,9 +411,6 @@ def _codes_against(values: jax.Array, scale_steps: jax.Array) -> jax.Array:
     # 1.476x with the select, 1.376x with the mask).
     keep = (magnitude >= (1 << 23)).astype(jnp.uint8) * jnp.uint8(255)
     return code.astype(jnp.uint8) & keep
-
-
-_HALF_STEP_AND_TOP = (1 << (_SHIFT - 1)) + (255 << _SHIFT)
 
 
 def quantize_step(x: jax.Array, shift: GridShift | jax.Array | float) -> QuantizedArray:
