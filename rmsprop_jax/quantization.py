@@ -26,9 +26,9 @@ encode the new ``v`` (:func:`quantize_step`) and divide by it *as stored*
 (:func:`stored`), as the bfloat16 path reads its slot (and Keras and PyTorch
 their low-precision optimizer variables). The new scale is the power of two
 just above the block's largest new value, found without any array of the
-leaf's size in memory (one loop computes the new values and reduces their
-bits to each block's largest, :func:`block_maxima`), so the encode is an
-exponent subtraction on the bits (exact, one rounding) and the step has no
+leaf's size in memory (one loop computes the new values and reduces each
+block's scale, in code steps, from their bits: :func:`block_maxima`), so
+the encode is an exponent subtraction on the bits (exact, one rounding) and the step has no
 branch: three loops over the leaf (the block maxima, the codes, the
 parameter update) and one over its blocks (the new scales, after the encode
 has read the old ones). The update reads the codes the encode wrote,
@@ -349,7 +349,9 @@ def block_maxima(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Ar
     reduction with one output goes to YNNPACK, which reads its operand from
     memory (the step then wrote the operand out in a loop of its own: at 16M
     elements 16 MB of temporaries and a second kernel). Both results must be
-    read, or XLA drops one and sends the other to YNNPACK.
+    read, or XLA drops one and sends the other to YNNPACK. (A one-output
+    maximum of int32 bits read from memory took 34 ms at 16M elements; this
+    form, over the same bits, 2.1-2.5 ms.)
     """
     kind = first.dtype
     lowest = jnp.array(jnp.iinfo(kind).min, kind)
