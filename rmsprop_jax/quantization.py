@@ -205,13 +205,17 @@ def encode(y: jax.Array) -> jax.Array:
 
 def decode(codes: jax.Array) -> jax.Array:
     """The value in [0, 1] of each code (exact inverse of :func:`encode` on its outputs)."""
-    c = codes.astype(jnp.int32)
+    c = codes.astype(jnp.uint32)
     # bits(1.0) - (255 - c) steps, as one shift and one add: written as the difference, it
     # compiled to a shift, an or and an add (the object code of the step's three loops that
     # decode: 3 to 18 instructions fewer each; the plain step at 16M params 3.6 % and 9 %
-    # faster in two A/Bs with the float32 floor, centered + momentum the same)
-    value = jax.lax.bitcast_convert_type((c << _SHIFT) + _DECODE_BASE, jnp.float32)
-    return _select(c == 0, jnp.float32(0), value)
+    # faster in two A/Bs with the float32 floor, centered + momentum the same). Code 0 is
+    # 0 through an unsigned minimum with 0 - c, which wraps above every other code's bits: a
+    # select on c == 0 compared the bytes, then widened the comparison to 32 bits in every
+    # loop that decodes (plain step at 16M params, A/B in one process: 1.291x -> 1.179x of
+    # the floor on one leaf, 1.463x -> 1.375x on 160; each of the three loops 5-11 % faster).
+    bits = jax.lax.min(jnp.uint32(0) - c, (c << _SHIFT) + jnp.uint32(_DECODE_BASE))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def is_quantized_size(size: int) -> bool:

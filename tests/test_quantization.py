@@ -43,6 +43,14 @@ def test_code_values_are_a_4_bit_mantissa_float_below_one():
     # 16 codes per octave: every 16th code halves the value
     np.testing.assert_array_equal(values[255 - 16 * np.arange(16)], 2.0 ** -np.arange(16.0))
     assert values[1] == np.float32(2.0**-16 * (1 + 2 / 16))  # 254 = 15 octaves + 14 steps
+    assert values[0].view(np.uint32) == 0  # +0.0
+
+
+def test_decode_is_integer_arithmetic_without_a_select():
+    """Code 0 decodes to 0 through an unsigned minimum: a select on ``c == 0`` compared the
+    bytes and widened the comparison in each of the step's three loops that decode."""
+    text = jax.jit(Q.decode).lower(jnp.zeros((4096,), jnp.uint8)).compile().as_text()
+    assert " select(" not in text and " compare(" not in text
 
 
 def test_encode_is_the_nearest_code_on_a_dense_sample():
