@@ -1,5 +1,5 @@
-"""A/B of the int8 step's encode: ``quantization.quantize_step`` at a git revision against the
-working tree's, interleaved with the bench's float32 floor in one process.
+"""A/B of the int8 step's codec: ``quantization.quantize_step`` and ``decode`` at a git revision
+against the working tree's, interleaved with the bench's float32 floor in one process.
 
 This machine's timings drift by 10-40 % between processes, so a change to the int8 step is
 measured here, not by two bench runs: every round times the floor and each step in turn, and
@@ -10,8 +10,8 @@ round. Usage (from the repository root)::
     python tools/int8_ab.py 16M/1 plain 13 e019296
     python tools/int8_ab.py 160x100006 plain 9 HEAD~1   # LEAVESxSIZE: any leaf size
 
-Only ``quantize_step`` is swapped (the rest of the step is the working tree's); the revision's
-codes and scales must be a ``QuantizedArray`` of the same layout.
+Only ``quantize_step`` and ``decode`` are swapped (the rest of the step is the working tree's);
+the revision's codes and scales must be a ``QuantizedArray`` of the same layout.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from rmsprop_jax import quantization
 from rmsprop_jax.cli import bench
 
 
-def quantize_step_at(rev: str):
-    """``quantize_step`` of ``rmsprop_jax/quantization.py`` at git revision ``rev``."""
+def codec_at(rev: str) -> dict:
+    """``quantize_step`` and ``decode`` of ``rmsprop_jax/quantization.py`` at git revision ``rev``."""
     source = subprocess.run(
         ["git", "show", f"{rev}:rmsprop_jax/quantization.py"],
         capture_output=True,
@@ -45,7 +45,7 @@ def quantize_step_at(rev: str):
         q = module.quantize_step(x, module.GridShift(*shift))
         return quantization.QuantizedArray(*q)
 
-    return quantize_step
+    return {"quantize_step": quantize_step, "decode": module.decode}
 
 
 def main(case: str, config: str, rounds: int, revs: list[str]) -> None:
@@ -55,13 +55,15 @@ def main(case: str, config: str, rounds: int, revs: list[str]) -> None:
         _, leaves, size = bench.case_sizes(case, False)
     host_params, grad_sets = bench._host_data(leaves, size, 0)
     steps = {"floor": bench.make_floor(config, host_params, grad_sets)}
-    current = quantization.quantize_step
+    current = {name: getattr(quantization, name) for name in ("quantize_step", "decode")}
     for rev in revs:
-        quantization.quantize_step = quantize_step_at(rev)
+        for name, fn in codec_at(rev).items():
+            setattr(quantization, name, fn)
         try:
             steps[rev] = bench.make_rj(config, host_params, grad_sets, accumulator_dtype="int8")
         finally:
-            quantization.quantize_step = current
+            for name, fn in current.items():
+                setattr(quantization, name, fn)
     steps["working tree"] = bench.make_rj(config, host_params, grad_sets, accumulator_dtype="int8")
     for step in steps.values():
         step.run(3)
