@@ -231,10 +231,10 @@ def block_size(size: int) -> int:
     """Elements per block of a leaf of ``size`` elements: a divisor of ``size`` in [128, 256]
     (else 256, the last block short).
 
-    A divisor makes the blocks a reshape of the leaf, with no padding (a
-    short last block's padding is fused into the loop of the block maxima
-    since :func:`block_maxima`; before, XLA:CPU wrote the padded exponent
-    bytes out). Among the divisors, the largest that is a multiple of 8 and
+    A divisor makes the blocks a reshape of the leaf, with no short last
+    block (whose maxima the step reduces in a loop of their own: padded into
+    the block maxima's loop, it made that loop check every index). Among the
+    divisors, the largest that is a multiple of 8 and
     leaves an even number of blocks, else the largest multiple of 8, else the
     largest: XLA:CPU's loops over the blocks ran 1.6-1.8x slower otherwise
     (measured on 160 leaves of 100,000 elements: blocks of 250 or 160, the

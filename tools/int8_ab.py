@@ -34,12 +34,14 @@ def codec_at(rev: str) -> dict:
         text=True,
         check=True,
     ).stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
-        file.write(source)
-    spec = importlib.util.spec_from_file_location(f"quantization_{rev}", file.name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/quantization.py"
+        with open(path, "w") as file:
+            file.write(source)
+        spec = importlib.util.spec_from_file_location(f"quantization_{rev}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
 
     def quantize_step(x, shift):  # the revision's own GridShift and QuantizedArray types
         q = module.quantize_step(x, module.GridShift(*shift))
