@@ -97,10 +97,11 @@ def weight_ema(
         @_fusion.traced_once  # one trace per leaf signature, not per leaf (under jit)
         def dense_step(u, avg, w):
             new_w = optax.apply_updates(w, u)
-            # Step-wide scalars in one kernel each, not copied into every leaf's loop
-            # (XLA's CSE merges the leaves' identical ones).
+            # The step-wide factor in one kernel, not copied into every leaf's loop (XLA's CSE
+            # merges the leaves' identical ones); 1 - k_ is one subtraction in each loop (in a
+            # kernel of its own too, it was one more distinct kernel to compile, the same bits).
             k_ = _fusion.computed_once(k.astype(w.dtype))
-            new_avg = k_ * avg + _fusion.computed_once(1 - k_) * new_w
+            new_avg = k_ * avg + (1 - k_) * new_w
             if overwrite is not None:
                 u = jnp.where(overwrite, (new_avg - w).astype(u.dtype), u)
             return u, new_avg

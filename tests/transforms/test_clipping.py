@@ -218,6 +218,17 @@ def test_step_wide_scalars_are_compiled_once_not_per_leaf():
         assert _count_in_compiled_step(tx, 2, op) == _count_in_compiled_step(tx, 6, op), op
 
 
+def test_a_group_of_small_leaves_is_squared_as_concatenated():
+    """Every reader of a group of small leaves squares it, so no ``|x|`` pass follows the
+    concatenation (it was one more kernel to compile and, as the overflow branch's operand,
+    a pass over the group in every step)."""
+    tx = rj.clip_by_global_norm(1.0)
+    assert _count_in_compiled_step(tx, 10, "concatenate") == 1
+    assert _count_in_compiled_step(tx, 10, "abs") == 0
+    # over 16 leaves the levels of the tree of concatenations keep theirs
+    assert _count_in_compiled_step(tx, 40, "abs") > 0
+
+
 def test_overflow_branch_copies_no_large_leaf():
     """The never-run branch of an overflowing norm reduces a large leaf where it lies: XLA
     allocates a branch's buffers whether or not it runs, and one concatenation of every leaf
