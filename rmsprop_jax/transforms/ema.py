@@ -98,8 +98,8 @@ def weight_ema(
         def dense_step(u, avg, w):
             new_w = optax.apply_updates(w, u)
             # The step-wide factor in one kernel, not copied into every leaf's loop (XLA's CSE
-            # merges the leaves' identical ones); 1 - k_ is one subtraction in each loop (in a
-            # kernel of its own too, it was one more distinct kernel to compile, the same bits).
+            # merges the leaves' identical ones). 1 - k_ is one subtraction in each loop: in a
+            # kernel of its own it was one more distinct kernel to compile, for the same bits.
             k_ = _fusion.computed_once(k.astype(w.dtype))
             new_avg = k_ * avg + (1 - k_) * new_w
             if overwrite is not None:
