@@ -113,6 +113,27 @@ def test_clip_norms_of_complex_gradients(factory):
     np.testing.assert_allclose(np.asarray(out), np.array([0.6 + 0.8j, 0]), rtol=1e-6, atol=1e-7)
 
 
+def test_global_norm_of_a_group_of_complex_and_real_small_leaves():
+    """Small leaves are summed as one group; complex ones make it complex (|z|^2 summed), and a
+    leaf whose squares overflow float32 sends it through the overflow branch."""
+    rng = np.random.default_rng(1)
+    tree = {
+        f"c{i}": jnp.asarray(
+            (rng.standard_normal(5) + 1j * rng.standard_normal(5)) * s, jnp.complex64
+        )
+        for i, s in enumerate([1.0, 2.0, 1e-3])
+    }
+    tree["real"] = jnp.asarray(rng.standard_normal(7), jnp.float32)
+    norm = jax.jit(rj.global_norm)
+    for huge in (None, 1e20):
+        if huge is not None:
+            tree["huge"] = jnp.asarray(rng.standard_normal(3) * huge * (1 + 1j), jnp.complex64)
+        expected = np.sqrt(
+            sum(np.sum(np.abs(np.asarray(x, np.complex128)) ** 2) for x in tree.values())
+        )
+        np.testing.assert_allclose(float(norm(tree)), expected, rtol=2e-7)
+
+
 def test_clip_by_value_rejects_complex_gradients():
     with pytest.raises(TypeError, match="complex"):
         rj.clip_by_value(1.0).update(jnp.array([3 + 4j]), optax.EmptyState())
