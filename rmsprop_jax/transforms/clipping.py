@@ -203,8 +203,8 @@ def _grouped_small_leaves(arrays: list[jax.Array], small: int = _SMALL_LEAF) -> 
 
     The ones below ``small`` elements (and not sharded over explicit mesh
     axes) are concatenated in their order (every reader squares them, so the
-    signs, or phases, do not matter), at most 2**20 elements per group; the others are returned as they
-    are. Fewer kernels for XLA to compile and launch: XLA:CPU reduces a leaf in
+    signs, or phases, do not matter), at most 2**20 elements per group; the
+    others are returned as they are. Fewer kernels for XLA to compile and launch: XLA:CPU reduces a leaf in
     three kernels (squares, partial sums, their sum). At 300 leaves of 64
     elements the full config's step compiled in 2.1 s with its tiny leaves
     summed in one group, 2.8 s with a sum per leaf and 2.4 s for optax's chain
@@ -221,9 +221,8 @@ def _grouped_small_leaves(arrays: list[jax.Array], small: int = _SMALL_LEAF) -> 
     last level it was a kernel of its own, which the overflow branch's
     operand kept in every step: 10 leaves of 64, full config, 19 distinct
     kernels to compile with it, 18 without; 100K params in 200 leaves, step
-    2.67 -> 2.55 ms); a large
-    leaf is reduced where it lies, and so is a leaf sharded over explicit mesh
-    axes (concatenating it would gather it).
+    2.67 -> 2.55 ms); a large leaf is reduced where it lies, and so is a leaf
+    sharded over explicit mesh axes (concatenating it would gather it).
     """
     arrays = [_at_least_float32(x) for x in arrays]
     parts: list[jax.Array] = []
