@@ -67,14 +67,10 @@ def main(case: str, config: str, rounds: int, revs: list[str]) -> None:
             for name, fn in current.items():
                 setattr(quantization, name, fn)
     steps["working tree"] = bench.make_rj(config, host_params, grad_sets, accumulator_dtype="int8")
-    for step in steps.values():
-        step.run(3)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(step.run(10) / 10)
-    for name, ts in times.items():
-        ratio = statistics.median(t / f for t, f in zip(ts, times["floor"]))
+    bench.measure(list(steps.values()), rounds, target_s=0.1)  # warm-up, then interleaved rounds
+    for name, step in steps.items():
+        ts = step.times
+        ratio = statistics.median(t / f for t, f in zip(ts, steps["floor"].times))
         print(
             f"{name}: median {statistics.median(ts) * 1e3:.2f} ms, "
             f"min {min(ts) * 1e3:.2f} ms, {ratio:.3f}x the floor (median of per-round ratios)"

@@ -4,7 +4,8 @@ and in one, side by side in one process.
 A step over many leaves runs a few kernels per leaf (float32 state: 2, int8 state: 4), where
 the floor and a step over one leaf run a handful in all. Each round times, in turn, the floor,
 rj's plain step with float32 state and with int8 state, on ``LEAVES`` leaves of ``SIZE``
-elements and on one leaf of ``LEAVES * SIZE``. Per contender the report gives the medians over
+elements and on one leaf of ``LEAVES * SIZE`` (``bench.measure``: warm-up, then the contenders
+interleaved in rotating order). Per contender the report gives the medians over
 rounds, the kernels in the compiled step (its fusions) and the time each extra kernel added:
 ``(many leaves - one leaf) / (their kernels' difference)``. Usage (from the repository root)::
 
@@ -34,14 +35,10 @@ def main(leaves: int, size: int, rounds: int) -> None:
         steps["rj int8", layout] = bench.make_rj(
             "plain", host_params, grad_sets, accumulator_dtype="int8"
         )
-    repeat = max(1, int(0.05 / max(step.run(3) / 3 for step in steps.values())))
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            times[key].append(step.run(repeat) / repeat)
+    bench.measure(list(steps.values()), rounds, target_s=0.05)  # warm-up, then interleaved rounds
     many, one = layouts
     for name in ("floor", "rj float32", "rj int8"):
-        t_many, t_one = (statistics.median(times[name, layout]) for layout in (many, one))
+        t_many, t_one = (statistics.median(steps[name, layout].times) for layout in (many, one))
         k_many, k_one = (steps[name, layout].stats["fusions"] for layout in (many, one))
         extra = (
             f"{(t_many - t_one) / (k_many - k_one) * 1e6:.2f} us per extra kernel"
