@@ -78,4 +78,6 @@ def main(case: str, config: str, rounds: int, revs: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 5:
+        sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])

@@ -1,5 +1,5 @@
-"""What a kernel costs a step on XLA:CPU beyond its arithmetic: the same parameters in many leaves
-and in one, side by side in one process.
+"""The same parameters in many leaves and in one, side by side in one process: how much longer
+the step over many leaves takes, per kernel it runs beyond the one-leaf step's.
 
 A step over many leaves runs a few kernels per leaf (float32 state: 2, int8 state: 4), where
 the floor and a step over one leaf run a handful in all. Each round times, in turn, the floor,
@@ -7,7 +7,10 @@ rj's plain step with float32 state and with int8 state, on ``LEAVES`` leaves of 
 elements and on one leaf of ``LEAVES * SIZE`` (``bench.measure``: warm-up, then the contenders
 interleaved in rotating order). Per contender the report gives the medians over
 rounds, the kernels in the compiled step (its fusions) and the time each extra kernel added:
-``(many leaves - one leaf) / (their kernels' difference)``. Usage (from the repository root)::
+``(many leaves - one leaf) / (their kernels' difference)``. That is a quotient of two step
+times: it does not tell a kernel's launch cost from loops that run slower over small leaves
+(a per-kernel profile of the 160-leaf int8 step found both cores busy, with no idle time
+between kernels; README, "Performance and memory"). Usage (from the repository root)::
 
     python tools/kernel_overhead.py LEAVES SIZE [ROUNDS]
     python tools/kernel_overhead.py 160 4096      # small leaves: the dispatch dominates
@@ -52,4 +55,6 @@ def main(leaves: int, size: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 9)
