@@ -71,6 +71,17 @@ def test_bench_rows_for_every_contender_and_config(quick_run):
     assert "x floor" in stdout and "fusions" in stdout and "jax" in stdout
 
 
+def test_progress_from_the_first_second_and_the_whole_commands_time(quick_run):
+    """A line before the peers' imports (seconds of silence otherwise); the summary gives the
+    whole command's time, which contains the benchmark's clock and the imports before it."""
+    stdout, data = quick_run
+    assert stdout.splitlines()[0].startswith("loading the peers")
+    env = data["environment"]
+    assert env["total_seconds"] > 0
+    assert env["total_seconds"] < env["process_seconds"] < env["total_seconds"] + 120
+    assert f"the whole command: {env['process_seconds']:.1f} s" in stdout
+
+
 def test_state_bytes_and_per_leaf_floor(quick_run):
     """State bytes per parameter come from the state's arrays; the per-leaf floor compiles to the
     floor's kernels once per leaf, and rj to no more than that."""
