@@ -66,11 +66,16 @@ def _parts(leaves: int, size: int) -> dict[str, Callable[[], object]]:
     def split_add(ps, u):
         return [p + piece for p, piece in zip(ps, _flat_buffers._split(u, sizes))]
 
-    donated = {"add": (add, 0, g_list), "split + add": (split_add, 0, flat)}
-    kept = {"join g": (join_g, (), g_list), "join g, p": (join_gp, (), g_list)}
+    # In the docstring's order; the programs that return a leaf per parameter donate them.
+    programs = {
+        "add": (add, 0, g_list),
+        "join g": (join_g, (), g_list),
+        "join g, p": (join_gp, (), g_list),
+        "split + add": (split_add, 0, flat),
+    }
     return {
         name: (lambda f=f, d=d, second=second: jax.jit(f, donate_argnums=d).lower(p_list, second))
-        for name, (f, d, second) in {**donated, **kept}.items()
+        for name, (f, d, second) in programs.items()
     }
 
 
